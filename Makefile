@@ -1,0 +1,31 @@
+# The README's two commands: `make run` (set up, then the main job) and `make test` (set up, then tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test lint bench-data
+
+setup: $(STAMP)
+
+# torch 2.13.0 first: it is the CPU wheel on these machines, and the pyproject range then adds nothing.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	bertflow sync-dvc
+	dvc repro
+
+test: $(STAMP)
+	pytest
+
+lint: $(STAMP)
+	ruff check tasks flows tests benchmarks
+
+bench-data: $(STAMP)
+	python benchmarks/data_stages.py

@@ -1,0 +1,68 @@
+"""The ``bertflow`` command: one subcommand per stage, as dvc.yaml calls them.
+
+Reads the params file (``--params``, default params.yaml) and runs one stage's ``run`` with its
+own section; writes what that stage writes plus ``reports/<stage>.json``. Bad params or bad input
+exit with status 2 and one message naming the thing at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from tasks.dvc_sync import check_dvc_deps, sync_dvc_yaml
+from tasks.io import InputError, write_json
+from tasks.params import ParamsError, load_params
+from tasks.paths import Paths
+
+STAGES = {
+    "ingest": "read sources and labeled data into data/corpus and data/labeled",
+    "tokenizer": "train the WordPiece vocabulary into artifacts/tokenizer",
+    "pretrain_data": "build NSP pairs and MLM masks into data/pretrain",
+}
+
+
+def run_stage(stage: str, params_file: str | Path = "params.yaml", root: str | Path = ".",
+              overrides: dict | None = None) -> dict:
+    """Validate the whole params file, run one stage on its own section, write its report."""
+    params = load_params(params_file, overrides)
+    paths = Paths(Path(root))
+    dvc_yaml = paths.root / "dvc.yaml"
+    if stage == "ingest" and dvc_yaml.is_file() and Path(params_file).resolve() == (paths.root / "params.yaml").resolve():
+        check_dvc_deps(dvc_yaml, params)
+    module = importlib.import_module(f"tasks.{stage}")
+    figures = module.run(getattr(params, stage), paths)
+    write_json(paths.report(stage), figures)
+    return figures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bertflow", description="bertflow pipeline stages")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--root", default=".", help="project root holding data/, artifacts/, reports/")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    for stage, help_text in STAGES.items():
+        commands.add_parser(stage, help=help_text)
+    commands.add_parser("sync-dvc", help="write ingest's deps in dvc.yaml from the sources in params.yaml")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.command == "sync-dvc":
+            sync_dvc_yaml(Path(args.root) / "dvc.yaml", load_params(args.params))
+        else:
+            run_stage(args.command, args.params, args.root)
+    except (ParamsError, InputError) as exc:
+        print(f"bertflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Atomic file-system writes shared by every stage.
+
+A stage builds its outputs in a temporary sibling folder and renames it into place only when the
+whole output is complete, so a crash or an error never leaves a half-written output that looks
+valid. Nothing here knows about any particular stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_dirs(targets: Sequence[Path]) -> Iterator[list[Path]]:
+    """Yield one empty temporary folder per target; on success replace each target by its folder.
+
+    On any exception the temporary folders are removed and the targets are left as they were.
+    """
+    staged: list[Path] = []
+    try:
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            folder.chmod(0o755)  # mkdtemp makes 0700; outputs are ordinary shared folders
+            staged.append(folder)
+        yield staged
+    except BaseException:
+        for folder in staged:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    for folder, target in zip(staged, targets):
+        _replace_dir(folder, target)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap ``new`` into ``target``; the old target is removed only after the swap succeeded."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, ensure_ascii=False, sort_keys=False)
+            handle.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+class InputError(ValueError):
+    """Bad input data; the message names the file at fault (and line or byte offset where it applies)."""

@@ -1,0 +1,183 @@
+"""The params.yaml schema: one typed, validated model per stage section.
+
+Reads a params file (YAML) and returns a ``Params`` object; writes nothing. Every section forbids
+unknown keys, so a typo in params.yaml fails before any work starts, with one message that names
+the key and what is allowed there. Relative source paths are resolved against the folder of the
+params file (the folder DVC runs from).
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+HF_PREFIX = "hf:"
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the file and every faulty key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_local_path(value: str, info: ValidationInfo) -> str:
+    """Resolve a local path against the params folder and insist that it exists."""
+    if value.startswith(HF_PREFIX):
+        return value
+    base = Path((info.context or {}).get("base_dir", "."))
+    path = (base / value).resolve()
+    if not path.exists():
+        raise ValueError(f"path does not exist: {path}")
+    return str(path)
+
+
+class CorpusSource(Section):
+    path: str = Field(description="local file or folder, or hf:<dataset>[:<config>]")
+    document_boundary: Literal["blank_line", "file"] = Field(
+        "blank_line", description="a blank line ends a document, or each file is one document")
+    text_field: str = Field("text", description="field holding the text in .jsonl records and hf datasets")
+    split: str = Field("train", description="split to read from an hf: dataset")
+
+    _path_exists = field_validator("path")(_check_local_path)
+
+    @property
+    def is_hf(self) -> bool:
+        return self.path.startswith(HF_PREFIX)
+
+
+class CorpusParams(Section):
+    sources: list[CorpusSource] = Field(min_length=1)
+    min_document_chars: int = Field(200, ge=0, description="documents shorter than this are dropped")
+    heldout_fraction: float = Field(0.02, gt=0, lt=1)
+    on_decode_error: Literal["fail", "skip", "replace"] = "fail"
+    max_documents: int | None = Field(None, ge=2, description="stop after this many documents (tiny profiles)")
+
+
+class LabeledParams(Section):
+    train: str
+    dev: str | None = None
+    test: str | None = None
+    format: Literal["auto", "tsv", "csv", "jsonl"] = "auto"
+    header: bool = Field(True, description="first row names the columns (tsv/csv)")
+    text_column: str | int = Field("sentence", description="column name, or 0-based index without header")
+    label_column: str | int = "label"
+    dev_fraction: float = Field(0.1, gt=0, lt=0.5, description="carved from train when dev is absent")
+    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="carved from train when test is absent")
+    on_bad_row: Literal["drop", "fail"] = "drop"
+    max_rows: int | None = Field(None, ge=1, description="read at most this many rows per file (tiny profiles)")
+
+    _paths_exist = field_validator("train", "dev", "test")(
+        lambda value, info: None if value is None else _check_local_path(value, info))
+
+
+class IngestParams(Section):
+    corpus: CorpusParams
+    labeled: LabeledParams
+
+
+class TokenizerParams(Section):
+    vocab_size: int = Field(16384, ge=64, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+    limit_alphabet: int = Field(1000, ge=1)
+    lowercase: bool = True
+    strip_accents: bool | None = Field(None, description="null: strip when lowercasing, as BERT does")
+    include_labeled_train: bool = Field(True, description="also learn from the labeled training texts")
+    model_max_length: int = Field(512, ge=8)
+
+
+class PretrainDataParams(Section):
+    max_seq_length: int = Field(128, ge=8, le=8192)
+    short_seq_prob: float = Field(0.1, ge=0, le=1)
+    dupe_factor: int = Field(2, ge=1, le=100)
+    masked_lm_prob: float = Field(0.15, gt=0, lt=1)
+    max_predictions_per_seq: int = Field(20, ge=1)
+    do_whole_word_mask: bool = False
+    masking: Literal["static", "dynamic"] = Field(
+        "dynamic", description="static: masks stored in the shards; dynamic: the collator masks each epoch")
+    random_seed: int = 12345
+    num_proc: int = Field(2, ge=1, le=256)
+    shard_tokens: int = Field(2_000_000, ge=1000, description="source tokens per work unit / shard")
+
+
+class Params(Section):
+    ingest: IngestParams
+    tokenizer: TokenizerParams
+    pretrain_data: PretrainDataParams
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate a params file; ``overrides`` maps dotted keys to values."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        return Params.model_validate(raw, context={"base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        raise ParamsError(_format_errors(path, exc)) from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _format_errors(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid params"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        lines.append(f"  {key}: {_describe(error)}")
+    return "\n".join(lines)
+
+
+def _describe(error: dict) -> str:
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"][:-1])
+        return f"unknown key; allowed keys here: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return "required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{message} (got {error.get('input')!r})"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The field names of the model reached by following ``loc`` from ``Params``."""
+    model: Any = Params
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        model = _model_in(annotation)
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+

@@ -1,0 +1,33 @@
+"""Where every stage reads and writes, relative to one project root (the folder holding dvc.yaml).
+
+dvc.yaml declares exactly these paths as deps/outs; tests point ``root`` at a temporary folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path = Path(".")
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "data" / "corpus"
+
+    @property
+    def labeled(self) -> Path:
+        return self.root / "data" / "labeled"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "artifacts" / "tokenizer"
+
+    @property
+    def pretrain_data(self) -> Path:
+        return self.root / "data" / "pretrain"
+
+    def report(self, stage: str) -> Path:
+        return self.root / "reports" / f"{stage}.json"
