@@ -31,7 +31,8 @@ def run_stage(stage: str, params_file: str | Path = "params.yaml", root: str | P
     params = load_params(params_file, overrides)
     paths = Paths(Path(root))
     dvc_yaml = paths.root / "dvc.yaml"
-    if stage == "ingest" and dvc_yaml.is_file() and Path(params_file).resolve() == (paths.root / "params.yaml").resolve():
+    uses_dvc_params = Path(params_file).resolve() == (paths.root / "params.yaml").resolve()
+    if stage == "ingest" and dvc_yaml.is_file() and uses_dvc_params:
         check_dvc_deps(dvc_yaml, params)
     module = importlib.import_module(f"tasks.{stage}")
     figures = module.run(getattr(params, stage), paths)

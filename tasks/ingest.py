@@ -95,7 +95,7 @@ def read_corpus(params: CorpusParams) -> tuple[list[Document], list[Document], d
     stats = CorpusStats()
 
     def raw() -> Iterator[tuple[str, str]]:
-        for source, report in zip(params.sources, reports):
+        for source, report in zip(params.sources, reports, strict=True):
             for text in read_source(source, params.on_decode_error, report):
                 yield report.name, text
 

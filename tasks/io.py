@@ -35,7 +35,7 @@ def atomic_dirs(targets: Sequence[Path]) -> Iterator[list[Path]]:
         for folder in staged:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    for folder, target in zip(staged, targets):
+    for folder, target in zip(staged, targets, strict=True):
         _replace_dir(folder, target)
 
 

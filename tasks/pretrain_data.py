@@ -28,7 +28,7 @@ import pyarrow as pa
 from tasks.io import InputError, atomic_dirs, write_json
 from tasks.params import PretrainDataParams
 from tasks.paths import Paths
-from tasks.tokenizer import load_tokenizer, read_sentences
+from tasks.tokenizer import load_tokenizer
 
 SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())),
@@ -264,7 +264,7 @@ def _count(counts: Counter, inst: Instance, masked: list[int], positions: list[i
     counts["maskable"] += sum(1 for t in inst.input_ids if t not in masking.special_ids)
     counts["masked"] += len(positions)
     counts["masked_special"] += sum(1 for t in labels if t in masking.special_ids)
-    for position, original in zip(positions, labels):
+    for position, original in zip(positions, labels, strict=True):
         kind = "as_mask" if masked[position] == masking.mask_token_id else (
             "as_self" if masked[position] == original else "as_random")
         counts[kind] += 1

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ def read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
         data = _decompress(path, raw)
-    except (OSError, EOFError, lzma.LZMAError) as exc:
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
         raise InputError(f"{path}: cannot read: {exc}") from None
     if b"\x00" in data[:BINARY_SNIFF_BYTES]:
         offset = data.index(b"\x00")

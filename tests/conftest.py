@@ -1,0 +1,67 @@
+"""Shared test helpers: the repo and data locations, and writing a params file into a temp folder."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Sentences of a tiny hand-written corpus: four documents, one of them a duplicate, one too short.
+TINY_CORPUS = """\
+The cat sat on the mat. It was a sunny day. Mr. Brown watched the cat from his window.
+He made some tea. The tea was hot! Was the cat hungry? Nobody knew.
+
+Rivers flow to the sea. The sea is salty. Fish swim in the rivers and in the sea.
+Some fish are large. Others are small.
+
+Short.
+
+The cat sat on the mat. It was a sunny day. Mr. Brown watched the cat from his window.
+He made some tea. The tea was hot! Was the cat hungry? Nobody knew.
+
+Mountains are tall and cold. Snow falls on them in winter. Climbers need ropes and boots.
+The view from the top is wide. Clouds drift below the peaks.
+"""
+
+LABELED_TSV = "sentence\tlabel\na fine film\t1\na dull film\t0\nwarm and funny\t1\nslow and boring\t0\n"
+
+
+def tiny_params(tmp_path: Path) -> dict:
+    """A complete params mapping over files written into ``tmp_path``."""
+    (tmp_path / "corpus").mkdir(exist_ok=True)
+    (tmp_path / "corpus" / "a.txt").write_text(TINY_CORPUS, encoding="utf-8")
+    for split in ("train", "dev", "test"):
+        (tmp_path / f"{split}.tsv").write_text(LABELED_TSV, encoding="utf-8")
+    return {
+        "ingest": {
+            "corpus": {"sources": [{"path": "corpus"}], "min_document_chars": 20,
+                       # hash fractions: cat 0.593, rivers 0.178, mountains 0.1779 → only mountains held out
+                       "heldout_fraction": 0.178},
+            "labeled": {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"},
+        },
+        "tokenizer": {"vocab_size": 200, "min_frequency": 1},
+        "pretrain_data": {"max_seq_length": 32, "dupe_factor": 2, "num_proc": 1, "masking": "static"},
+    }
+
+
+def write_params(folder: Path, params: dict, name: str = "params.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path: Path):
+    """(params mapping, folder) for the hand-written tiny corpus; edit the mapping, then write it."""
+    return copy.deepcopy(tiny_params(tmp_path)), tmp_path
+
+
+def outputs_left(root: Path) -> list[str]:
+    """Everything a stage may have written under ``root`` (data/, artifacts/, reports/)."""
+    return sorted(str(p.relative_to(root)) for top in ("data", "artifacts", "reports")
+                  for p in (root / top).rglob("*") if p.is_file())

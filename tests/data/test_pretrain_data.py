@@ -1,0 +1,118 @@
+"""Stage pretrain_data on the tiny profile: the stored shards' contract, statistics and determinism."""
+
+import hashlib
+import json
+
+import datasets
+import pytest
+from transformers import AutoTokenizer
+
+from tasks.cli import run_stage
+from tasks.io import InputError
+from tests.conftest import REPO, write_params
+from tests.data.conftest import copy_upstream
+
+
+def shard_hashes(root):
+    folder = root / "data" / "pretrain"
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.arrow"))}
+
+
+def load_split(root, split):
+    files = sorted((root / "data" / "pretrain" / split).glob("*.arrow"))
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
+
+
+@pytest.fixture(scope="module")
+def train_rows(tiny_run):
+    return load_split(tiny_run, "train").to_list()
+
+
+@pytest.fixture(scope="module")
+def specials(tiny_run):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_run / "artifacts" / "tokenizer"))
+    return tokenizer, set(tokenizer.all_special_ids)
+
+
+def test_instances_have_bert_layout_and_fit(train_rows, specials):
+    tokenizer, _ = specials
+    assert len(train_rows) > 10_000
+    for row in train_rows:
+        ids, segments = row["input_ids"], row["token_type_ids"]
+        assert len(ids) <= 64 and len(ids) == len(segments)
+        assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+        first_sep = ids.index(tokenizer.sep_token_id)
+        assert 1 <= first_sep < len(ids) - 2
+        assert segments == [0] * (first_sep + 1) + [1] * (len(ids) - first_sep - 1)
+
+
+def test_nsp_positives_are_half(train_rows):
+    positives = sum(row["next_sentence_label"] == 0 for row in train_rows) / len(train_rows)
+    assert abs(positives - 0.5) <= 0.03
+
+
+def test_static_masks_follow_the_recipe(train_rows, specials):
+    tokenizer, special_ids = specials
+    maskable = masked = as_mask = as_self = 0
+    for row in train_rows:
+        ids, positions, originals = row["input_ids"], row["masked_lm_positions"], row["masked_lm_ids"]
+        assert 1 <= len(positions) <= 20 and positions == sorted(set(positions))
+        assert not set(originals) & special_ids
+        maskable += len(ids) - 3
+        masked += len(positions)
+        as_mask += sum(ids[p] == tokenizer.mask_token_id for p in positions)
+        as_self += sum(ids[p] == o for p, o in zip(positions, originals, strict=True))
+        assert sum(t == tokenizer.mask_token_id for t in ids) == sum(ids[p] == tokenizer.mask_token_id
+                                                                      for p in positions)
+    assert abs(masked / maskable - 0.15) <= 0.01
+    assert abs(as_mask / masked - 0.8) <= 0.03
+    assert abs(as_self / masked - 0.1) <= 0.03
+    assert abs((masked - as_mask - as_self) / masked - 0.1) <= 0.03
+
+
+def test_report_matches_the_shards(tiny_run, train_rows):
+    figures = json.loads((tiny_run / "reports" / "pretrain_data.json").read_text())
+    assert figures["train"]["instances"] == len(train_rows)
+    assert figures["train"]["tokens"] == sum(len(r["input_ids"]) for r in train_rows)
+    assert figures["train"]["masked_special_tokens"] == 0 and figures["train"]["longest_instance"] <= 64
+    assert figures["heldout"]["instances"] == len(load_split(tiny_run, "heldout"))
+    info = json.loads((tiny_run / "data" / "pretrain" / "info.json").read_text())
+    assert info["params"]["random_seed"] == figures["random_seed"] == 12345
+
+
+def rerun(tiny_run, tmp_path, **overrides):
+    copy_upstream(tiny_run, tmp_path, "data/corpus", "artifacts/tokenizer")
+    run_stage("pretrain_data", REPO / "params.tiny.yaml", tmp_path,
+              {f"pretrain_data.{key}": value for key, value in overrides.items()})
+    return tmp_path
+
+
+def test_same_seed_gives_byte_identical_shards_whatever_num_proc(tiny_run, tmp_path):
+    again = rerun(tiny_run, tmp_path, num_proc=1)
+    assert shard_hashes(again) == shard_hashes(tiny_run)
+
+
+def test_another_seed_gives_other_shards(tiny_run, tmp_path):
+    other = rerun(tiny_run, tmp_path, random_seed=7)
+    assert shard_hashes(other).keys() == shard_hashes(tiny_run).keys()
+    assert shard_hashes(other) != shard_hashes(tiny_run)
+
+
+def test_dynamic_masking_stores_unmasked_pairs(tiny_run, tmp_path):
+    dynamic = rerun(tiny_run, tmp_path, masking="dynamic")
+    rows = load_split(dynamic, "train").to_list()
+    mask_id = AutoTokenizer.from_pretrained(str(tiny_run / "artifacts" / "tokenizer")).mask_token_id
+    assert all(not r["masked_lm_positions"] and mask_id not in r["input_ids"] for r in rows)
+    assert load_split(dynamic, "heldout")[0]["masked_lm_positions"], "held-out keeps fixed masks for evaluation"
+    figures = json.loads((dynamic / "reports" / "pretrain_data.json").read_text())
+    assert abs(figures["train"]["masked_rate"] - 0.15) <= 0.01
+
+
+def test_missing_tokenizer_is_a_clear_error(tiny, tmp_path):
+    params, folder = tiny
+    path = write_params(folder, params)
+    run_stage("ingest", path, folder)
+    with pytest.raises(InputError, match="artifacts/tokenizer: no tokenizer here; run `bertflow tokenizer` first"):
+        run_stage("pretrain_data", path, folder)
+    assert not (folder / "data" / "pretrain").exists()
