@@ -154,7 +154,9 @@ def read_labeled(params: LabeledParams) -> tuple[dict[str, list[lab.Row]], list[
         path = Path(files[split] or files["train"])
         rows[split], problems[split] = _checked(path, rows[split], set(labels), params)
     manifest = {
-        "files": {split: path for split, path in files.items()},
+        "files": {split: Path(path).name if path else None for split, path in files.items()},
+        "fingerprints": {split: "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                         for split, path in files.items() if path},
         "carved_from_train": carved_from_train,
         "rows": {split: len(rows[split]) for split in SPLITS},
         "label_counts": {split: dict(Counter(row.label for row in rows[split])) for split in SPLITS},

@@ -42,6 +42,8 @@ def test_tiny_corpus_known_answer(tiny):
     manifest = json.loads((folder / "data" / "corpus" / "manifest.json").read_text())
     digest = hashlib.sha256(b"a.txt\0" + hashlib.sha256((folder / "corpus" / "a.txt").read_bytes()).digest())
     assert manifest["sources"][0]["fingerprint"] == "sha256:" + digest.hexdigest()
+    labeled = json.loads((folder / "data" / "labeled" / "manifest.json").read_text())
+    assert labeled["fingerprints"]["test"] == "sha256:" + hashlib.sha256((folder / "test.tsv").read_bytes()).hexdigest()
 
 
 def test_heldout_membership_is_stable_when_documents_are_added(tiny):
