@@ -22,6 +22,9 @@ STAGES = {
     "ingest": "read sources and labeled data into data/corpus and data/labeled",
     "tokenizer": "train the WordPiece vocabulary into artifacts/tokenizer",
     "pretrain_data": "build NSP pairs and MLM masks into data/pretrain",
+    "pretrain": "pretrain BERT (MLM + NSP) into artifacts/pretrained",
+    "finetune": "fine-tune the classifier into artifacts/classifier (+ the random-init ablation)",
+    "evaluate": "test-set figures, held-out MLM figures and baselines into reports/evaluate",
 }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 HF_PREFIX = "hf:"
 
@@ -103,12 +103,108 @@ class PretrainDataParams(Section):
     random_seed: int = 12345
     num_proc: int = Field(2, ge=1, le=256)
     shard_tokens: int = Field(2_000_000, ge=1000, description="source tokens per work unit / shard")
+    include_labeled_train: bool = Field(
+        False, description="also pretrain on the labeled training texts (task-adaptive MLM; labels unused)")
+    labeled_rows_per_document: int = Field(8, ge=1, description="labeled texts grouped into one pseudo-document")
+
+
+Bf16 = bool | Literal["auto"]
+
+
+class BertModelParams(Section):
+    hidden_size: int = Field(256, ge=8)
+    num_hidden_layers: int = Field(4, ge=1, le=48)
+    num_attention_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(1024, ge=8)
+    max_position_embeddings: int = Field(512, ge=8)
+    hidden_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    attention_probs_dropout_prob: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        return self
+
+
+class BudgetFields(Section):
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; or give budget_minutes")
+    budget_minutes: float | None = Field(None, gt=0, description="wall-clock budget; the schedule follows it")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.max_steps is None) == (self.budget_minutes is None):
+            raise ValueError("give exactly one of max_steps and budget_minutes")
+        return self
+
+
+class PretrainParams(BudgetFields):
+    model: BertModelParams = BertModelParams()
+    batch_size: int = Field(64, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_epsilon: float = Field(1e-6, gt=0)
+    warmup_fraction: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    bf16: Bf16 = Field("auto", description="bf16 autocast: true, false, or auto (when the CPU has bf16)")
+    eval_every: int = Field(500, ge=1)
+    eval_instances: int | None = Field(2000, ge=1)
+    log_every: int = Field(50, ge=1)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    checkpoint_every_minutes: float | None = Field(5.0, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 42
+    num_threads: int | None = Field(None, ge=1)
+
+
+class FinetuneParams(Section):
+    init: str = Field("pretrained", description="'pretrained' (artifacts/pretrained) or a local BERT checkpoint folder")
+    random_init_ablation: bool = Field(True, description="also fine-tune the same model from random weights")
+    max_seq_length: int = Field(128, ge=8)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    epochs: int = Field(3, ge=1)
+    early_stopping_patience: int = Field(2, ge=1, description="epochs without a better dev metric before stopping")
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
+    classifier_dropout: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    bf16: Bf16 = "auto"
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    checkpoint_every_minutes: float | None = Field(5.0, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 42
+    num_threads: int | None = Field(None, ge=1)
+
+    @field_validator("init")
+    @classmethod
+    def _init_exists(cls, value: str, info: ValidationInfo) -> str:
+        return value if value == "pretrained" else _check_local_path(value, info)
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(128, ge=1)
+    majority_baseline: bool = True
+    tfidf_baseline: bool = True
+    tfidf_analyzer: Literal["word", "char_wb"] = Field("word", description="char_wb for unsegmented text (Chinese)")
+    tfidf_ngram_max: int = Field(2, ge=1, le=5)
+    tfidf_c: float = Field(16.0, gt=0, description="inverse regularisation strength of the logistic regression")
+    heldout_instances: int | None = Field(None, ge=1, description="held-out pretraining instances to score (null: all)")
+    num_threads: int | None = Field(2, ge=1, description="fixed, so figures are identical from run to run")
 
 
 class Params(Section):
     ingest: IngestParams
     tokenizer: TokenizerParams
     pretrain_data: PretrainDataParams
+    pretrain: PretrainParams
+    finetune: FinetuneParams
+    evaluate: EvaluateParams
 
 
 def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:

@@ -29,5 +29,30 @@ class Paths:
     def pretrain_data(self) -> Path:
         return self.root / "data" / "pretrain"
 
+    @property
+    def pretrained(self) -> Path:
+        return self.root / "artifacts" / "pretrained"
+
+    @property
+    def pretrain_checkpoints(self) -> Path:
+        return self.root / "artifacts" / "pretrain_checkpoints"
+
+    @property
+    def classifier(self) -> Path:
+        return self.root / "artifacts" / "classifier"
+
+    @property
+    def ablation(self) -> Path:
+        """Ablation models: ``random_init/`` is the same fine-tuning from random weights."""
+        return self.root / "artifacts" / "ablation"
+
+    @property
+    def finetune_checkpoints(self) -> Path:
+        return self.root / "artifacts" / "finetune_checkpoints"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
     def report(self, stage: str) -> Path:
         return self.root / "reports" / f"{stage}.json"

@@ -334,13 +334,26 @@ def summarize(counts: Counter, max_seq_length: int) -> dict:
     }
 
 
-def _load_split(paths: Paths, split: str) -> list[list[str]]:
-    path = paths.corpus / f"{split}.parquet"
+def _read_column(path: Path, column: str) -> list:
     if not path.is_file():
         raise InputError(f"{path}: missing; run `bertflow ingest` first")
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=["sentences"])["sentences"].to_pylist()
+    return pq.read_table(path, columns=[column])[column].to_pylist()
+
+
+def group_rows(texts: list[str], rows_per_document: int) -> list[list[str]]:
+    """Pseudo-documents of consecutive labeled texts (for in-domain MLM; their NSP pairs are noise)."""
+    return [texts[i:i + rows_per_document] for i in range(0, len(texts), rows_per_document)]
+
+
+def read_texts(paths: Paths, params: PretrainDataParams) -> dict[str, list[list[str]]]:
+    """Sentences per document: the corpus splits, plus the labeled training texts when asked (train only)."""
+    texts = {split: _read_column(paths.corpus / f"{split}.parquet", "sentences") for split in ("train", "heldout")}
+    if params.include_labeled_train:
+        labeled = _read_column(paths.labeled / "train.parquet", "text")
+        texts["train"] = texts["train"] + group_rows(labeled, params.labeled_rows_per_document)
+    return texts
 
 
 # ---------------------------------------------------------------- edge
@@ -349,7 +362,7 @@ def _load_split(paths: Paths, split: str) -> list[list[str]]:
 def run(params: PretrainDataParams, paths: Paths) -> dict:
     started = time.perf_counter()
     tokenizer = load_tokenizer(paths.tokenizer)
-    texts = {split: _load_split(paths, split) for split in ("train", "heldout")}
+    texts = read_texts(paths, params)
     source_bytes = sum(len(s.encode("utf-8")) for docs in texts.values() for doc in docs for s in doc)
     documents = {split: tokenize_documents(tokenizer, docs) for split, docs in texts.items()}
     for split, docs in documents.items():

@@ -31,6 +31,14 @@ The view from the top is wide. Clouds drift below the peaks.
 LABELED_TSV = "sentence\tlabel\na fine film\t1\na dull film\t0\nwarm and funny\t1\nslow and boring\t0\n"
 
 
+TINY_TRAINING = {
+    "pretrain": {"model": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "intermediate_size": 64, "max_position_embeddings": 64}, "max_steps": 10, "batch_size": 8},
+    "finetune": {"max_seq_length": 32, "epochs": 1, "batch_size": 8},
+    "evaluate": {},
+}
+
+
 def tiny_params(tmp_path: Path) -> dict:
     """A complete params mapping over files written into ``tmp_path``."""
     (tmp_path / "corpus").mkdir(exist_ok=True)
@@ -46,6 +54,7 @@ def tiny_params(tmp_path: Path) -> dict:
         },
         "tokenizer": {"vocab_size": 200, "min_frequency": 1},
         "pretrain_data": {"max_seq_length": 32, "dupe_factor": 2, "num_proc": 1, "masking": "static"},
+        **TINY_TRAINING,
     }
 
 
@@ -59,6 +68,38 @@ def write_params(folder: Path, params: dict, name: str = "params.yaml") -> Path:
 def tiny(tmp_path: Path):
     """(params mapping, folder) for the hand-written tiny corpus; edit the mapping, then write it."""
     return copy.deepcopy(tiny_params(tmp_path)), tmp_path
+
+
+DATA_STAGES = ("ingest", "tokenizer", "pretrain_data")
+TRAINING_STAGES = ("pretrain", "finetune", "evaluate")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """Root folder after ingest → tokenizer → pretrain_data with params.tiny.yaml (real data, sliced)."""
+    from tasks.cli import run_stage
+
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"{SHARED_DATA} is missing: the tests need ../shared/data beside the repo")
+    root = tmp_path_factory.mktemp("tiny_run")
+    for stage in DATA_STAGES:
+        run_stage(stage, REPO / "params.tiny.yaml", root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_run, tmp_path_factory):
+    """A copy of ``tiny_run`` after pretrain → finetune → evaluate."""
+    import shutil
+
+    from tasks.cli import run_stage
+
+    root = tmp_path_factory.mktemp("tiny_trained")
+    for name in ("data", "artifacts"):
+        shutil.copytree(tiny_run / name, root / name)
+    for stage in TRAINING_STAGES:
+        run_stage(stage, REPO / "params.tiny.yaml", root)
+    return root
 
 
 def outputs_left(root: Path) -> list[str]:

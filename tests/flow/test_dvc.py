@@ -1,5 +1,6 @@
 """The data stages under real DVC: first repro runs all, second none, and changes re-run just what depends on them."""
 
+import json
 import os
 import re
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_TRAINING
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
@@ -23,8 +24,8 @@ def sh(*args, cwd, check=True):
     return result
 
 
-def repro(cwd) -> list[str]:
-    out = sh("dvc", "repro", cwd=cwd).stdout
+def repro(cwd, target: str = "pretrain_data") -> list[str]:
+    out = sh("dvc", "repro", target, cwd=cwd).stdout
     return re.findall(r"Running stage '(\w+)'", out)
 
 
@@ -46,6 +47,7 @@ def project(tmp_path):
                    "labeled": {"train": "train.tsv"}},
         "tokenizer": {"vocab_size": 150, "min_frequency": 1},
         "pretrain_data": {"max_seq_length": 32, "dupe_factor": 1, "num_proc": 1},
+        **TINY_TRAINING,
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=tmp_path)
@@ -69,7 +71,7 @@ def test_repro_skips_and_reruns_exactly_what_changed(project):
     assert repro(project) == ["tokenizer", "pretrain_data"]
     write_docs(project / "corpus", "b.txt", 100, 3)
     assert repro(project) == ["ingest", "tokenizer", "pretrain_data"]
-    assert "up to date" in sh("dvc", "status", cwd=project).stdout
+    assert "up to date" in sh("dvc", "status", "pretrain_data", cwd=project).stdout
     for stage in ("ingest", "tokenizer", "pretrain_data"):
         assert (project / "reports" / f"{stage}.json").is_file()
     metrics = sh("dvc", "metrics", "show", cwd=project).stdout
@@ -88,3 +90,17 @@ def test_stale_dvc_deps_are_refused(project):
     assert not (project / "data" / "corpus").exists()
     sh("bertflow", "sync-dvc", cwd=project)
     assert repro(project) == ["ingest", "tokenizer", "pretrain_data"]
+
+
+def test_whole_chain_under_dvc(project):
+    stages = ["ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate"]
+    assert repro(project, "evaluate") == stages
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout
+    set_param(project, "finetune", "learning_rate", 0.0005)
+    assert repro(project, "evaluate") == ["finetune", "evaluate"]
+    metrics = sh("dvc", "metrics", "show", "--json", cwd=project).stdout
+    assert "test.accuracy" in metrics or '"accuracy"' in metrics
+    plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=project).stdout)["data"]
+    assert set(plots) == {"pretraining loss", "held-out MLM and NSP", "fine-tuning dev accuracy",
+                          "test confusion matrix", "reports/evaluate/confusion.png"}
+    assert "mlm_accuracy" in json.dumps(plots["held-out MLM and NSP"])

@@ -1,0 +1,167 @@
+"""Stage evaluate: the classifier on the test split, the pretrained model on held-out text, and baselines.
+
+Reads: ``artifacts/classifier``, ``artifacts/ablation`` (the random-init classifier, when built),
+``artifacts/pretrained``, ``data/labeled/{train,test}.parquet``, ``data/pretrain/heldout``.
+Writes: ``reports/evaluate/`` (``predictions.csv`` with id, text, label, predicted and per-class
+scores; ``confusion.json``; ``confusion.png``) and ``reports/evaluate.json``. Everything runs in
+fp32 with a fixed thread count, so two runs give identical figures. Run: ``bertflow evaluate``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn import metrics as skm
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+
+from tasks import training as tr
+from tasks.finetune import encode, predict_logits, read_split
+from tasks.io import InputError, atomic_dirs, read_json, write_json
+from tasks.model import load_classifier
+from tasks.params import EvaluateParams
+from tasks.paths import Paths
+from tasks.tokenizer import load_tokenizer
+
+# ---------------------------------------------------------------- figures (pure)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def classification_report(labels: np.ndarray, predicted: np.ndarray, scores: np.ndarray | None,
+                          names: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix; ROC-AUC when binary."""
+    ids = list(range(len(names)))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(labels, predicted, labels=ids,
+                                                                         zero_division=0)
+    report = {
+        "accuracy": round(float(skm.accuracy_score(labels, predicted)), 5),
+        "macro_f1": round(float(skm.f1_score(labels, predicted, labels=ids, average="macro", zero_division=0)), 5),
+        "per_class": {name: {"precision": round(float(p), 5), "recall": round(float(r), 5), "f1": round(float(f), 5),
+                             "support": int(s)} for name, p, r, f, s in zip(names, precision, recall, f1, support,
+                                                                             strict=True)},
+        "confusion_matrix": skm.confusion_matrix(labels, predicted, labels=ids).tolist(),
+    }
+    if scores is not None and len(names) == 2 and len(set(labels.tolist())) == 2:
+        report["roc_auc"] = round(float(skm.roc_auc_score(labels, scores[:, 1])), 5)
+    return report
+
+
+def majority_baseline(train_labels: list[int], test_labels: np.ndarray, names: list[str]) -> dict:
+    majority = int(np.bincount(train_labels).argmax())
+    predicted = np.full_like(test_labels, majority)
+    return {"predicts": names[majority], **_headline(classification_report(test_labels, predicted, None, names))}
+
+
+def tfidf_baseline(train: tuple[list[str], list[int]], test: tuple[list[str], np.ndarray], names: list[str],
+                   params: EvaluateParams) -> dict:
+    """TF-IDF (sublinear tf, word n-grams, or character n-grams for unsegmented text) + logistic regression."""
+    vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, params.tfidf_ngram_max),
+                                 analyzer=params.tfidf_analyzer)
+    features = vectorizer.fit_transform(train[0])
+    classifier = LogisticRegression(C=params.tfidf_c, max_iter=5000).fit(features, train[1])
+    test_features = vectorizer.transform(test[0])
+    predicted = classifier.predict(test_features)
+    scores = classifier.predict_proba(test_features)
+    return _headline(classification_report(test[1], predicted, scores, names))
+
+
+def _headline(report: dict) -> dict:
+    return {key: report[key] for key in ("accuracy", "macro_f1", "roc_auc") if key in report}
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_predictions(path: Path, texts: list[str], labels: np.ndarray, scores: np.ndarray, names: list[str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "text", "label", "predicted", *[f"score_{name}" for name in names]])
+        for i, (text, label, row) in enumerate(zip(texts, labels, scores, strict=True)):
+            writer.writerow([i, text, names[label], names[int(row.argmax())], *[f"{s:.7f}" for s in row]])
+
+
+def plot_confusion(path: Path, matrix: list[list[int]], names: list[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(2 + 0.8 * len(names), 1.6 + 0.8 * len(names)), dpi=120)
+    axis.imshow(matrix, cmap="Blues")
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            axis.text(j, i, str(count), ha="center", va="center",
+                      color="white" if count > max(map(max, matrix)) / 2 else "black")
+    axis.set_xticks(range(len(names)), names)
+    axis.set_yticks(range(len(names)), names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true label")
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, metadata={"Software": None})  # no version/date stamp: same input, same bytes
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------- edge
+
+
+def evaluate_classifier(folder: Path, test: tuple[list[str], list[int]], params: EvaluateParams, names: list[str]):
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: no classifier; run `bertflow finetune` first")
+    tokenizer = load_tokenizer(folder)
+    model = load_classifier(folder)
+    if model.config.id2label and [model.config.id2label[i] for i in range(len(names))] != names:
+        raise InputError(f"{folder}: trained for labels {list(model.config.id2label.values())}, "
+                         f"but data/labeled/labels.json has {names}; re-run `bertflow finetune`")
+    encoded = encode(tokenizer, test[0], test[1], model.config.max_position_embeddings)
+    scores = softmax(predict_logits(model, encoded, tokenizer.pad_token_id, params.batch_size, bf16=False))
+    labels = np.array(test[1])
+    return classification_report(labels, scores.argmax(1), scores, names), scores
+
+
+def evaluate_pretrained(paths: Paths, params: EvaluateParams) -> dict:
+    """Held-out MLM accuracy and perplexity, NSP accuracy, of the pretrained model (fp32)."""
+    from transformers import BertForPreTraining
+
+    from tasks.pretrain import PretrainBatches, evaluate_pretraining, read_shards
+
+    if not (paths.pretrained / "config.json").is_file():
+        raise InputError(f"{paths.pretrained}: no pretrained model; run `bertflow pretrain` first")
+    model = BertForPreTraining.from_pretrained(str(paths.pretrained))
+    tokenizer = load_tokenizer(paths.pretrained)
+    heldout = PretrainBatches(read_shards(paths.pretrain_data / "heldout"), tokenizer.pad_token_id, None, seed=0)
+    figures = evaluate_pretraining(model, heldout, params.heldout_instances, params.batch_size, bf16=False)
+    return {"mlm_accuracy": figures["mlm_accuracy"], "mlm_loss": figures["mlm_loss"],
+            "mlm_perplexity": round(math.exp(figures["mlm_loss"]), 3), "nsp_accuracy": figures["nsp_accuracy"],
+            "instances": figures["instances"]}
+
+
+def run(params: EvaluateParams, paths: Paths) -> dict:
+    tr.set_threads(params.num_threads)
+    torch.manual_seed(0)
+    names = read_json(paths.labeled / "labels.json")["labels"]
+    train, test = read_split(paths, "train"), read_split(paths, "test")
+    report, scores = evaluate_classifier(paths.classifier, test, params, names)
+    figures = {"test": report, "test_rows": len(test[1]), "baselines": {}}
+    random_init = paths.ablation / "random_init"
+    if (random_init / "config.json").is_file():
+        figures["baselines"]["random_init"] = _headline(evaluate_classifier(random_init, test, params, names)[0])
+    if params.majority_baseline:
+        figures["baselines"]["majority"] = majority_baseline(train[1], np.array(test[1]), names)
+    if params.tfidf_baseline:
+        figures["baselines"]["tfidf_logreg"] = tfidf_baseline(train, (test[0], np.array(test[1])), names, params)
+    figures["pretrained_heldout"] = evaluate_pretrained(paths, params)
+    with atomic_dirs([paths.reports / "evaluate"]) as (folder,):
+        write_predictions(folder / "predictions.csv", test[0], np.array(test[1]), scores, names)
+        write_json(folder / "confusion.json", {"labels": names, "matrix": report["confusion_matrix"]})
+        plot_confusion(folder / "confusion.png", report["confusion_matrix"], names,
+                       f"test accuracy {report['accuracy']:.3f}")
+    return figures

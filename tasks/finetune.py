@@ -1,0 +1,248 @@
+"""Stage finetune: a BERT sequence classifier on the labeled data, with early stopping on dev.
+
+Reads: ``data/labeled/{train,dev}.parquet`` + ``labels.json``, and the starting model:
+``artifacts/pretrained`` or any local transformers BERT checkpoint named by ``finetune.init``.
+Writes: ``artifacts/classifier/`` (``save_pretrained`` + tokenizer, label maps in its config),
+``artifacts/ablation/random_init/`` (the same recipe from random weights, when
+``random_init_ablation``), resumable state under ``artifacts/finetune_checkpoints/``, per-epoch
+curves ``reports/finetune/<run>.csv`` and ``reports/finetune.json``. Run: ``bertflow finetune``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from tasks import training as tr
+from tasks.io import InputError, atomic_dirs, read_json, write_json
+from tasks.model import check_positions, check_vocab, load_classifier
+from tasks.params import FinetuneParams
+from tasks.paths import Paths
+from tasks.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+EPOCH_FIELDS = ["step", "epoch", "train_loss", "dev_accuracy", "dev_macro_f1", "lr", "seconds"]
+
+
+# ---------------------------------------------------------------- data and metrics (pure)
+
+
+@dataclass
+class Encoded:
+    """Token ids of one labeled split (with [CLS]/[SEP], truncated) and label ids."""
+
+    input_ids: list[list[int]]
+    labels: list[int]
+
+    def batch(self, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        width = max(len(self.input_ids[i]) for i in indices)
+        input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+        for row, i in enumerate(indices):
+            ids = self.input_ids[i]
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "token_type_ids": torch.zeros_like(input_ids),
+                "labels": torch.tensor([self.labels[i] for i in indices])}
+
+
+def encode(tokenizer, texts: list[str], labels: list[int], max_seq_length: int) -> Encoded:
+    ids = tokenizer(texts, truncation=True, max_length=max_seq_length)["input_ids"]
+    return Encoded(ids, labels)
+
+
+def classification_metrics(labels: np.ndarray, predicted: np.ndarray, num_labels: int) -> dict:
+    """Accuracy and macro-F1 (plain numpy, so evaluate can check them against scikit-learn)."""
+    f1s = []
+    for c in range(num_labels):
+        tp = np.sum((predicted == c) & (labels == c))
+        precision = tp / max(np.sum(predicted == c), 1)
+        recall = tp / max(np.sum(labels == c), 1)
+        f1s.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
+    return {"accuracy": float(np.mean(predicted == labels)), "macro_f1": float(np.mean(f1s))}
+
+
+def class_weights(labels: list[int], num_labels: int) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
+    return torch.tensor(len(labels) / (num_labels * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+@torch.no_grad()
+def predict_logits(model, data: Encoded, pad_id: int, batch_size: int, bf16: bool = False) -> np.ndarray:
+    """Logits for every row, computed in length-sorted batches (little padding), returned in row order."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(data.input_ids)), key=lambda i: len(data.input_ids[i]))
+    out = np.zeros((len(order), model.config.num_labels), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        batch = data.batch(indices, pad_id)
+        with tr.autocast(bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"]).logits
+        out[indices] = logits.float().numpy()
+    model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class FinetuneState:
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0
+    seconds: float = 0.0
+    best_metric: float = -1.0
+    best_epoch: int = -1
+    epochs_without_gain: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    history: list = field(default_factory=list)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams, pad_id: int,
+                     store: tr.CheckpointStore, curve: tr.MetricsLog, bf16: bool, saved: dict | None) -> dict:
+    """Epochs with dev evaluation and early stopping; the best epoch's weights end up in ``model``."""
+    optimizer = torch.optim.AdamW(tr.parameter_groups(model, params.weight_decay), lr=params.learning_rate)
+    steps_per_epoch = len(train.labels) // params.batch_size
+    budget = tr.Budget(max_steps=steps_per_epoch * params.epochs)
+    weights = class_weights(train.labels, model.config.num_labels) if params.class_weights else None
+    state, best = FinetuneState(), copy.deepcopy(model.state_dict())
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        tr.restore_rng(saved["rng"])
+        state, best = FinetuneState(**saved["loop"]), saved["best"]
+    model.train()
+    while state.epoch < params.epochs and state.epochs_without_gain < params.early_stopping_patience:
+        order = epoch_order(len(train.labels), params.seed, state.epoch)
+        while state.cursor + params.batch_size <= len(order):
+            started = time.perf_counter()
+            lr = tr.set_lr(optimizer, params.learning_rate,
+                           tr.lr_factor(budget.progress(state.step, 0), params.warmup_fraction))
+            batch = train.batch(order[state.cursor: state.cursor + params.batch_size], pad_id)
+            with tr.autocast(bf16):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               token_type_ids=batch["token_type_ids"]).logits
+            loss = F.cross_entropy(logits.float(), batch["labels"], weight=weights)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.cursor += params.batch_size
+            state.step += 1
+            state.loss_sum += loss.item()
+            state.loss_count += 1
+            state.seconds += time.perf_counter() - started
+            if store.due(state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes):
+                store.save(state.step, _checkpoint(model, optimizer, state, best))
+        best = _end_epoch(model, dev, params, pad_id, state, best, curve, lr, bf16)
+        store.save(state.step, _checkpoint(model, optimizer, state, best))
+    model.load_state_dict(best)
+    return {"best_epoch": state.best_epoch + 1, f"best_dev_{params.metric}": round(state.best_metric, 5),
+            "epochs_run": state.epoch, "steps": state.step, "seconds": round(state.seconds, 1),
+            "history": state.history}
+
+
+def _end_epoch(model, dev, params, pad_id, state: FinetuneState, best, curve, lr, bf16):
+    logits = predict_logits(model, dev, pad_id, params.batch_size * 4, bf16)
+    metrics = classification_metrics(np.array(dev.labels), logits.argmax(-1), model.config.num_labels)
+    row = {"step": state.step, "epoch": state.epoch + 1,
+           "train_loss": round(state.loss_sum / max(state.loss_count, 1), 5),
+           "dev_accuracy": round(metrics["accuracy"], 5), "dev_macro_f1": round(metrics["macro_f1"], 5),
+           "lr": f"{lr:.3e}", "seconds": round(state.seconds, 1)}
+    curve.write(**row)
+    state.history.append(row)
+    log.info("epoch %d: %s", state.epoch + 1, row)
+    if metrics[params.metric] > state.best_metric:
+        state.best_metric, state.best_epoch, state.epochs_without_gain = metrics[params.metric], state.epoch, 0
+        best = copy.deepcopy(model.state_dict())
+    else:
+        state.epochs_without_gain += 1
+    state.epoch, state.cursor, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0
+    return best
+
+
+def _checkpoint(model, optimizer, state: FinetuneState, best) -> dict:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": copy.deepcopy(vars(state)),
+            "rng": tr.rng_state(), "best": best}
+
+
+# ---------------------------------------------------------------- edge
+
+
+def init_folder(params: FinetuneParams, paths: Paths) -> Path:
+    return paths.pretrained if params.init == "pretrained" else Path(params.init)
+
+
+def read_split(paths: Paths, split: str) -> tuple[list[str], list[int]]:
+    path = paths.labeled / f"{split}.parquet"
+    if not path.is_file():
+        raise InputError(f"{path}: missing; run `bertflow ingest` first")
+    table = pq.read_table(path, columns=["text", "label_id"])
+    return table["text"].to_pylist(), table["label_id"].to_pylist()
+
+
+def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], params: FinetuneParams,
+                 paths: Paths, tokenizer) -> tuple[object, dict]:
+    """Fine-tune one classifier (from ``source`` weights, or its architecture at random)."""
+    tr.set_threads(params.num_threads)
+    torch.manual_seed(params.seed)
+    model = load_classifier(source, labels, params.classifier_dropout, random_init=random_init)
+    check_vocab(model.config, len(tokenizer), str(source))
+    check_positions(model.config, params.max_seq_length, "finetune.max_seq_length")
+    train = encode(tokenizer, *read_split(paths, "train"), params.max_seq_length)
+    dev = encode(tokenizer, *read_split(paths, "dev"), params.max_seq_length)
+    fingerprint = {"init": str(source), "random_init": random_init, "labels": labels,
+                   "params": params.model_dump(exclude={"checkpoint_every_steps", "checkpoint_every_minutes",
+                                                         "keep_checkpoints", "num_threads", "random_init_ablation"}),
+                   "rows": {"train": len(train.labels), "dev": len(dev.labels)}}
+    store = tr.CheckpointStore(paths.finetune_checkpoints / name, fingerprint, params.keep_checkpoints)
+    latest = store.open()
+    saved = store.load(latest) if latest else None
+    curve = tr.MetricsLog(paths.reports / "finetune" / f"{name}.csv", EPOCH_FIELDS,
+                          saved["loop"]["step"] if saved else None)
+    summary = train_classifier(model, train, dev, params, tokenizer.pad_token_id, store, curve,
+                               tr.use_bf16(params.bf16), saved)
+    return model, {**summary, "resumed_from_step": saved["loop"]["step"] if saved else 0, "store": store}
+
+
+def run(params: FinetuneParams, paths: Paths) -> dict:
+    source = init_folder(params, paths)
+    tokenizer = load_tokenizer(source)
+    labels = read_json(paths.labeled / "labels.json")["labels"]
+    runs = {"pretrained": (source, False)}
+    if params.random_init_ablation:
+        runs["random_init"] = (source, True)
+    models, figures = {}, {}
+    for name, (folder, random_init) in runs.items():
+        models[name], figures[name] = finetune_run(name, folder, random_init, labels, params, paths, tokenizer)
+    with atomic_dirs([paths.classifier, paths.ablation]) as (classifier_dir, ablation_dir):
+        _save(models["pretrained"], tokenizer, classifier_dir)
+        if "random_init" in models:
+            _save(models["random_init"], tokenizer, ablation_dir / "random_init")
+        write_json(ablation_dir / "ablation.json", {"random_init": "random_init" in models})
+    for summary in figures.values():
+        summary.pop("store").mark_complete()
+    return {"init": str(params.init), "labels": labels, **figures}
+
+
+def _save(model, tokenizer, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))

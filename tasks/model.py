@@ -1,0 +1,103 @@
+"""Building BERT models from params and computing their losses; shared by pretrain, finetune, evaluate.
+
+Reads and writes nothing. ``construct_*`` builds a model from params; ``load_*`` loads a saved one
+and checks it against its tokenizer, so a vocabulary or position mismatch is an error message
+instead of an IndexError or NaNs deep inside the forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForPreTraining, BertForSequenceClassification
+from transformers.utils import logging as hf_logging
+
+from tasks.io import InputError
+
+
+def construct_config(model_params, vocab_size: int, pad_token_id: int) -> BertConfig:
+    """A BertConfig from the ``pretrain.model`` section and the tokenizer's vocabulary size."""
+    return BertConfig(vocab_size=vocab_size, pad_token_id=pad_token_id, type_vocab_size=2,
+                      **model_params.model_dump())
+
+
+def check_vocab(config: BertConfig, vocab_size: int, where: str) -> None:
+    if config.vocab_size != vocab_size:
+        raise InputError(f"{where}: the model has vocab_size {config.vocab_size} but the tokenizer has "
+                         f"{vocab_size} tokens; they must be the same (retrain the model, or use its own tokenizer)")
+
+
+def check_positions(config: BertConfig, max_seq_length: int, where: str) -> None:
+    if max_seq_length > config.max_position_embeddings:
+        raise InputError(f"{where}: sequences of up to {max_seq_length} tokens but the model has only "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+
+
+def construct_pretraining_model(config: BertConfig, seed: int) -> BertForPreTraining:
+    torch.manual_seed(seed)
+    return BertForPreTraining(config)
+
+
+def load_classifier(path: Path, labels: list[str] | None = None, dropout: float | None = None,
+                    random_init: bool = False) -> BertForSequenceClassification:
+    """A sequence classifier from a saved BERT (pretraining or classification layout).
+
+    With ``labels`` the head is (re)built for them and ``id2label``/``label2id`` go into the config;
+    ``random_init`` keeps the architecture but not the weights (the no-pretraining ablation).
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: no transformers model here (config.json missing)")
+    config = BertConfig.from_pretrained(str(path))
+    extra = {}
+    if labels is not None:
+        extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                 "label2id": {label: i for i, label in enumerate(labels)}}
+    if dropout is not None:
+        extra["classifier_dropout"] = dropout
+    if random_init:
+        config.update(extra)
+        return BertForSequenceClassification(config)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the pretraining heads it drops are expected, not news
+    try:
+        return BertForSequenceClassification.from_pretrained(str(path), ignore_mismatched_sizes=labels is not None,
+                                                             **extra)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+@dataclass
+class PretrainingOutput:
+    loss: torch.Tensor
+    mlm_loss: torch.Tensor
+    nsp_loss: torch.Tensor
+    mlm_correct: int
+    mlm_count: int
+    nsp_correct: int
+    nsp_count: int
+
+
+def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) -> PretrainingOutput:
+    """MLM cross-entropy (on the masked positions only) + NSP cross-entropy.
+
+    Same value as ``BertForPreTraining``'s own loss, without projecting the unmasked positions
+    onto the vocabulary: that projection is most of a small model's compute.
+    """
+    hidden, pooled = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                token_type_ids=batch["token_type_ids"], return_dict=False)[:2]
+    labels = batch["labels"]
+    selected = labels != -100
+    mlm_logits = model.cls.predictions(hidden[selected])
+    targets = labels[selected]
+    nsp_logits = model.cls.seq_relationship(pooled)
+    mlm_loss = F.cross_entropy(mlm_logits.float(), targets)
+    nsp_loss = F.cross_entropy(nsp_logits.float(), batch["next_sentence_label"])
+    return PretrainingOutput(
+        loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss, nsp_loss=nsp_loss,
+        mlm_correct=int((mlm_logits.argmax(-1) == targets).sum()), mlm_count=int(targets.numel()),
+        nsp_correct=int((nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum()),
+        nsp_count=int(nsp_logits.shape[0]))

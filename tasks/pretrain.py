@@ -1,0 +1,276 @@
+"""Stage pretrain: BERT masked-language-model + next-sentence-prediction pretraining.
+
+Reads: ``data/pretrain/{train,heldout}/*.arrow`` + ``info.json`` and ``artifacts/tokenizer``.
+Writes: ``artifacts/pretrained/`` (``save_pretrained`` layout, safetensors, plus the tokenizer),
+``artifacts/pretrain_checkpoints/`` (resumable state; persistent across runs), the curves
+``reports/pretrain/{train,eval}.csv`` and ``reports/pretrain.json``.
+Run: ``bertflow pretrain``; after a crash the same command resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from tasks import training as tr
+from tasks.io import InputError, atomic_dirs, read_json
+from tasks.model import check_positions, check_vocab, construct_config, construct_pretraining_model, pretraining_loss
+from tasks.params import PretrainDataParams, PretrainParams
+from tasks.paths import Paths
+from tasks.pretrain_data import MaskingSpec, mask_tokens, masking_spec
+from tasks.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+TRAIN_FIELDS = ["step", "loss", "mlm_loss", "nsp_loss", "lr", "tokens_per_second", "seconds"]
+EVAL_FIELDS = ["step", "mlm_loss", "mlm_accuracy", "nsp_accuracy", "seconds"]
+
+
+# ---------------------------------------------------------------- data
+
+
+def read_shards(folder: Path) -> pa.Table:
+    files = sorted(folder.glob("*.arrow"))
+    if not files:
+        raise InputError(f"{folder}: no shards; run `bertflow pretrain_data` first")
+    tables = [pa.ipc.open_stream(pa.OSFile(str(f))).read_all() for f in files]
+    return pa.concat_tables(tables).combine_chunks()
+
+
+@dataclass
+class PretrainBatches:
+    """Padded batches from the stored instances; masks applied here when the data is unmasked."""
+
+    table: pa.Table
+    pad_id: int
+    masking: MaskingSpec | None  # None: the shards carry static masks
+    seed: int
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self), generator=generator).tolist()
+
+    def batch(self, indices: list[int], mask_seed: str) -> dict[str, torch.Tensor]:
+        rows = self.table.take(indices).to_pylist()
+        rng = random.Random(mask_seed)
+        examples = [self._masked(row, rng) for row in rows]
+        return collate(examples, self.pad_id)
+
+    def _masked(self, row: dict, rng: random.Random) -> tuple[list[int], list[int], list[int], list[int], int]:
+        if self.masking is not None:
+            ids, positions, originals = mask_tokens(row["input_ids"], self.masking, rng)
+        else:
+            ids, positions, originals = row["input_ids"], row["masked_lm_positions"], row["masked_lm_ids"]
+        return ids, row["token_type_ids"], positions, originals, row["next_sentence_label"]
+
+
+def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest example (dynamic padding); labels are -100 except at masked positions."""
+    width = max(len(ids) for ids, *_ in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    token_type_ids = torch.zeros((n, width), dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    for i, (ids, segments, positions, originals, _) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        token_type_ids[i, : len(ids)] = torch.tensor(segments)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, positions] = torch.tensor(originals, dtype=torch.long)
+    nsp = torch.tensor([example[4] for example in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
+            "labels": labels, "next_sentence_label": nsp}
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_pretraining(model, batches: PretrainBatches, limit: int | None, batch_size: int, bf16: bool) -> dict:
+    """Held-out MLM loss/accuracy (token-weighted) and NSP accuracy, on the first ``limit`` instances."""
+    was_training = model.training
+    model.eval()
+    count = min(limit or len(batches), len(batches))
+    mlm_loss = mlm_correct = mlm_count = nsp_correct = 0.0
+    for start in range(0, count, batch_size):
+        batch = batches.batch(list(range(start, min(start + batch_size, count))), mask_seed="eval")
+        with tr.autocast(bf16):
+            out = pretraining_loss(model, batch)
+        mlm_loss += float(out.mlm_loss) * out.mlm_count
+        mlm_correct += out.mlm_correct
+        mlm_count += out.mlm_count
+        nsp_correct += out.nsp_correct
+    model.train(was_training)
+    return {"mlm_loss": round(mlm_loss / max(mlm_count, 1), 5),
+            "mlm_accuracy": round(mlm_correct / max(mlm_count, 1), 5),
+            "nsp_accuracy": round(nsp_correct / max(count, 1), 5), "instances": count}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0  # next position in this epoch's order
+    seconds: float = 0.0  # training time so far (not counting time spent dead after a crash)
+    tokens: int = 0
+
+
+def next_indices(state: LoopState, batches: PretrainBatches, size: int, order_cache: dict) -> list[int]:
+    if state.epoch not in order_cache:
+        order_cache.clear()
+        order_cache[state.epoch] = batches.order(state.epoch)
+    order = order_cache[state.epoch]
+    if state.cursor + size > len(order):  # drop the ragged tail: every batch has the same size
+        state.epoch, state.cursor = state.epoch + 1, 0
+        return next_indices(state, batches, size, order_cache)
+    indices = order[state.cursor: state.cursor + size]
+    state.cursor += size
+    return indices
+
+
+def train(model, optimizer, train_batches: PretrainBatches, eval_batches: PretrainBatches, params: PretrainParams,
+          store: tr.CheckpointStore, state: LoopState, logs: tuple[tr.MetricsLog, tr.MetricsLog], bf16: bool) -> dict:
+    """Run optimizer steps until the budget is spent; returns the last held-out evaluation."""
+    budget = tr.Budget(params.max_steps, params.budget_minutes)
+    train_log, eval_log = logs
+    order_cache: dict = {}
+    last_eval: dict = {}
+    bar = tqdm(total=1000, desc="pretrain", unit="‰", mininterval=2, disable=None, initial=int(1000 * budget.progress(
+        state.step, state.seconds)))
+    model.train()
+    while budget.progress(state.step, state.seconds) < 1.0:
+        started = time.perf_counter()
+        lr = tr.set_lr(optimizer, params.learning_rate,
+                       tr.lr_factor(budget.progress(state.step, state.seconds), params.warmup_fraction))
+        losses, tokens = accumulate(model, train_batches, params, state, order_cache, bf16)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        elapsed = time.perf_counter() - started
+        state.seconds += elapsed
+        state.tokens += tokens
+        bar.update(int(1000 * budget.progress(state.step, state.seconds)) - bar.n)
+        bar.set_postfix(loss=f"{losses[0]:.3f}", tok_s=f"{tokens / elapsed:.0f}", step=state.step)
+        if state.step % params.log_every == 0 or state.step == 1:
+            train_log.write(step=state.step, loss=round(losses[0], 5), mlm_loss=round(losses[1], 5),
+                            nsp_loss=round(losses[2], 5), lr=f"{lr:.3e}", tokens_per_second=round(tokens / elapsed),
+                            seconds=round(state.seconds, 1))
+            log.info("step %d loss %.4f (mlm %.4f, nsp %.4f) lr %.2e %.0f tokens/s", state.step, *losses, lr,
+                     tokens / elapsed)
+        if state.step % params.eval_every == 0:
+            last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, bf16)
+        if store.due(state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes):
+            store.save(state.step, checkpoint_state(model, optimizer, state))
+    bar.close()
+    if not last_eval or last_eval.get("step") != state.step:
+        last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, bf16)
+    return last_eval
+
+
+def accumulate(model, batches, params, state, order_cache, bf16) -> tuple[tuple[float, float, float], int]:
+    """Forward/backward over ``gradient_accumulation_steps`` micro-batches; returns mean losses, tokens."""
+    totals = [0.0, 0.0, 0.0]
+    tokens = 0
+    for micro in range(params.gradient_accumulation_steps):
+        indices = next_indices(state, batches, params.batch_size, order_cache)
+        batch = batches.batch(indices, mask_seed=f"{params.seed}/{state.step}/{micro}")
+        with tr.autocast(bf16):
+            out = pretraining_loss(model, batch)
+        (out.loss / params.gradient_accumulation_steps).backward()
+        for i, value in enumerate((out.loss, out.mlm_loss, out.nsp_loss)):
+            totals[i] += value.item() / params.gradient_accumulation_steps
+        tokens += int(batch["attention_mask"].sum())
+    return (totals[0], totals[1], totals[2]), tokens
+
+
+def _evaluate_and_log(model, eval_batches, params, state, eval_log, bf16) -> dict:
+    figures = evaluate_pretraining(model, eval_batches, params.eval_instances, params.batch_size, bf16)
+    eval_log.write(step=state.step, seconds=round(state.seconds, 1),
+                   **{k: figures[k] for k in ("mlm_loss", "mlm_accuracy", "nsp_accuracy")})
+    log.info("eval at step %d: %s", state.step, figures)
+    return {"step": state.step, **figures}
+
+
+def checkpoint_state(model, optimizer, state: LoopState) -> dict:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": vars(state).copy(),
+            "rng": tr.rng_state()}
+
+
+# ---------------------------------------------------------------- edge
+
+
+def load_data(paths: Paths, tokenizer, params: PretrainParams) -> tuple[PretrainBatches, PretrainBatches, dict]:
+    info_path = paths.pretrain_data / "info.json"
+    if not info_path.is_file():
+        raise InputError(f"{info_path}: missing; run `bertflow pretrain_data` first")
+    info = read_json(info_path)
+    if info["vocab_size"] != len(tokenizer):
+        raise InputError(f"{paths.pretrain_data}: built with a tokenizer of {info['vocab_size']} tokens, but "
+                         f"{paths.tokenizer} has {len(tokenizer)}; re-run `bertflow pretrain_data`")
+    data_params = PretrainDataParams(**info["params"])
+    dynamic = masking_spec(tokenizer, data_params) if data_params.masking == "dynamic" else None
+    train = PretrainBatches(read_shards(paths.pretrain_data / "train"), tokenizer.pad_token_id, dynamic, params.seed)
+    heldout = PretrainBatches(read_shards(paths.pretrain_data / "heldout"), tokenizer.pad_token_id, None, params.seed)
+    return train, heldout, info
+
+
+def run(params: PretrainParams, paths: Paths) -> dict:
+    threads = tr.set_threads(params.num_threads)
+    tokenizer = load_tokenizer(paths.tokenizer)
+    train_batches, eval_batches, info = load_data(paths, tokenizer, params)
+    config = construct_config(params.model, len(tokenizer), tokenizer.pad_token_id)
+    check_vocab(config, len(tokenizer), str(paths.tokenizer))
+    check_positions(config, info["params"]["max_seq_length"], "pretrain.model.max_position_embeddings")
+    model = construct_pretraining_model(config, params.seed)
+    optimizer = torch.optim.AdamW(tr.parameter_groups(model, params.weight_decay), lr=params.learning_rate,
+                                  betas=tuple(params.adam_betas), eps=params.adam_epsilon)
+    fingerprint = run_fingerprint(params, config, info)
+    store = tr.CheckpointStore(paths.pretrain_checkpoints, fingerprint, params.keep_checkpoints)
+    state, resumed_from = resume(store, model, optimizer)
+    logs = (tr.MetricsLog(paths.reports / "pretrain" / "train.csv", TRAIN_FIELDS, resumed_from),
+            tr.MetricsLog(paths.reports / "pretrain" / "eval.csv", EVAL_FIELDS, resumed_from))
+    bf16 = tr.use_bf16(params.bf16)
+    final_eval = train(model, optimizer, train_batches, eval_batches, params, store, state, logs, bf16)
+    with atomic_dirs([paths.pretrained]) as (folder,):
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+    store.mark_complete()
+    return {"steps": state.step, "epochs": round(state.epoch + state.cursor / len(train_batches), 3),
+            "tokens": state.tokens, "seconds": round(state.seconds, 1),
+            "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9)), "bf16": bf16, "threads": threads,
+            "parameters": sum(p.numel() for p in model.parameters()), "resumed_from_step": resumed_from or 0,
+            "heldout": final_eval}
+
+
+def run_fingerprint(params: PretrainParams, config, info: dict) -> dict:
+    """What makes two runs the same run: model config, training params (not logging/checkpointing), data."""
+    ignore = {"eval_every", "eval_instances", "checkpoint_every_steps", "checkpoint_every_minutes",
+              "keep_checkpoints", "log_every", "num_threads"}
+    return {"model": config.to_diff_dict(), "training": params.model_dump(exclude=ignore | {"model"}),
+            "data": info["figures"]["train"]}
+
+
+def resume(store: tr.CheckpointStore, model, optimizer) -> tuple[LoopState, int | None]:
+    latest = store.open()
+    if latest is None:
+        return LoopState(), None
+    saved = store.load(latest)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    tr.restore_rng(saved["rng"])
+    state = LoopState(**saved["loop"])
+    log.info("resumed from %s (step %d)", latest, state.step)
+    return state, state.step

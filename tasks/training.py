@@ -1,0 +1,203 @@
+"""Training-loop pieces shared by pretrain and finetune: optimizer, schedule, precision, metrics, checkpoints.
+
+Writes only where it is told: checkpoint folders (atomically) and metric CSVs (streamed, one row at
+a time, so ``dvc plots`` can draw a run while it goes). Nothing here knows a particular stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks.io import InputError, atomic_dirs, read_json, write_json
+
+log = logging.getLogger(__name__)
+NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layernorm", "layer_norm")
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def set_threads(num_threads: int | None) -> int:
+    torch.set_num_threads(num_threads or os.cpu_count() or 1)
+    return torch.get_num_threads()
+
+
+def cpu_supports_bf16() -> bool:
+    """True on processors with native bf16 arithmetic (AVX512-BF16 or AMX), where autocast pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(setting: bool | str) -> bool:
+    return cpu_supports_bf16() if setting == "auto" else bool(setting)
+
+
+def autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm parameters."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if any(key in name for key in NO_DECAY) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(progress: float, warmup_fraction: float) -> float:
+    """Linear warm-up to 1 over ``warmup_fraction`` of the run, then linear decay to 0 at its end."""
+    if progress < warmup_fraction:
+        return progress / warmup_fraction
+    return max(0.0, (1.0 - progress) / max(1.0 - warmup_fraction, 1e-12))
+
+
+@dataclass
+class Budget:
+    """A run's length in optimizer steps or wall-clock minutes; progress runs from 0 to 1.
+
+    With minutes, the schedule is laid over the time budget (as Cramming does): the learning rate
+    follows elapsed time, so the run ends decayed whenever the budget runs out.
+    """
+
+    max_steps: int | None = None
+    minutes: float | None = None
+
+    def progress(self, step: int, seconds: float) -> float:
+        if self.max_steps:
+            return min(1.0, step / self.max_steps)
+        return min(1.0, seconds / (60 * self.minutes))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, peak: float, factor: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = peak * factor
+    return peak * factor
+
+
+# ---------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """A CSV that grows one row at a time; on resume the rows past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, fields: list[str], resume_after_step: int | None = None):
+        self.path, self.fields = path, fields
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if resume_after_step is not None and path.is_file():
+            with open(path, newline="") as handle:
+                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_after_step]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, **row) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.fields).writerow(row)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class CheckpointStore:
+    """Checkpoints ``step-NNNNNNNN/`` under ``folder``, tied to the run that made them.
+
+    ``run.json`` records a fingerprint of everything that shapes the run (model config, training
+    params, data). A different run is refused while its checkpoints are unfinished (they may hold
+    hours of work and the change may be a mistake); a finished run's checkpoints are cleared.
+    """
+
+    folder: Path
+    fingerprint: dict
+    keep: int = 2
+    _saved_at: float = field(default_factory=time.monotonic)
+
+    def open(self) -> Path | None:
+        """Check ownership of the folder; return the latest checkpoint to resume from, if any."""
+        run_file = self.folder / "run.json"
+        if run_file.is_file():
+            recorded = read_json(run_file)
+            if recorded["fingerprint"] != self.fingerprint:
+                if not recorded.get("complete"):
+                    raise InputError(self._mismatch(recorded["fingerprint"]))
+                log.info("clearing %s: its checkpoints belong to an earlier, finished run", self.folder)
+                shutil.rmtree(self.folder)
+            elif recorded.get("complete"):
+                shutil.rmtree(self.folder)  # same run finished before: start clean, reproduce it
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(run_file, {"fingerprint": self.fingerprint, "complete": False})
+        steps = sorted(self.folder.glob("step-*"))
+        return steps[-1] if steps else None
+
+    def __post_init__(self):
+        self.fingerprint = json.loads(json.dumps(self.fingerprint))  # as run.json will hold it (tuples → lists)
+
+    def _mismatch(self, recorded: dict) -> str:
+        now, then = _flatten(self.fingerprint), _flatten(recorded)
+        diffs = [f"{key}: {then.get(key)!r} there, {value!r} now"
+                 for key, value in now.items() if then.get(key) != value]
+        diffs += [f"{key}: {value!r} there, absent now" for key, value in then.items() if key not in now]
+        return (f"{self.folder}: holds checkpoints of an unfinished run with a different configuration "
+                f"({'; '.join(diffs[:6])}); refusing to load them. Restore those settings to resume, "
+                f"or delete {self.folder} to start over")
+
+    def due(self, step: int, every_steps: int | None, every_minutes: float | None) -> bool:
+        by_steps = bool(every_steps) and step % every_steps == 0
+        by_time = bool(every_minutes) and time.monotonic() - self._saved_at >= 60 * every_minutes
+        return by_steps or by_time
+
+    def save(self, step: int, state: dict) -> Path:
+        target = self.folder / f"step-{step:08d}"
+        with atomic_dirs([target]) as (tmp,):
+            torch.save(state, tmp / "state.pt")
+        self._saved_at = time.monotonic()
+        for old in sorted(self.folder.glob("step-*"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    @staticmethod
+    def load(path: Path) -> dict:
+        return torch.load(path / "state.pt", weights_only=False)
+
+    def mark_complete(self) -> None:
+        write_json(self.folder / "run.json", {"fingerprint": self.fingerprint, "complete": True})
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,105 @@
+"""Stages finetune and evaluate: learning a learnable set, label maps, mismatches, and evaluate's own figures."""
+
+import csv
+import json
+import shutil
+
+import pytest
+from transformers import AutoConfig
+
+from tasks.cli import run_stage
+from tasks.io import InputError
+from tests.conftest import REPO, write_params
+
+POSITIVE = ["good", "great", "fine", "happy", "nice", "best"]
+NEGATIVE = ["bad", "poor", "sad", "worst", "awful", "wrong"]
+
+
+def learnable_rows(count, offset=0):
+    """Sentences whose label is given by one sentiment word among neutral filler."""
+    fillers = ["the film was", "this story is", "the actors are", "my day was", "that city is", "the music was"]
+    rows = []
+    for i in range(offset, offset + count):
+        words = POSITIVE if i % 2 else NEGATIVE
+        rows.append((f"{fillers[i % 6]} {words[(i // 2) % 6]} and {fillers[(i // 3) % 6]} here", i % 2))
+    return rows
+
+
+def write_tsv(path, rows):
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
+
+
+def test_learns_a_learnable_set_from_an_existing_checkpoint(tiny_trained, tmp_path):
+    write_tsv(tmp_path / "train.tsv", learnable_rows(600))
+    write_tsv(tmp_path / "dev.tsv", learnable_rows(100, 600))
+    write_tsv(tmp_path / "test.tsv", learnable_rows(100, 700))
+    params = json.loads(json.dumps(_tiny_params()))
+    params["ingest"]["labeled"] = {"train": str(tmp_path / "train.tsv"), "dev": str(tmp_path / "dev.tsv"),
+                                   "test": str(tmp_path / "test.tsv")}
+    params["finetune"].update(init=str(tiny_trained / "artifacts" / "pretrained"), epochs=4, random_init_ablation=False)
+    path = write_params(tmp_path, params)
+    root = tmp_path / "root"
+    run_stage("ingest", path, root)
+    figures = run_stage("finetune", path, root)
+    assert figures["pretrained"]["best_dev_accuracy"] >= 0.9  # majority class is 0.5
+    config = AutoConfig.from_pretrained(str(root / "artifacts" / "classifier"))
+    assert config.id2label == {0: "0", 1: "1"} and config.label2id == {"0": 0, "1": 1}
+    curve = list(csv.DictReader(open(root / "reports" / "finetune" / "pretrained.csv")))
+    assert [int(r["epoch"]) for r in curve] == list(range(1, len(curve) + 1))
+
+
+def _tiny_params():
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.tiny.yaml").read_text())
+    for source in params["ingest"]["corpus"]["sources"]:
+        source["path"] = str((REPO / source["path"]).resolve())
+    return params
+
+
+def test_finetune_refuses_a_checkpoint_whose_vocabulary_differs_from_its_tokenizer(tiny_trained, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_trained / "artifacts" / "pretrained", broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["vocab_size"] = 2500
+    (broken / "config.json").write_text(json.dumps(config))
+    root = tmp_path / "root"
+    shutil.copytree(tiny_trained / "data", root / "data")
+    with pytest.raises(InputError, match="vocab_size 2500 but the tokenizer has 2000 tokens|size mismatch"):
+        run_stage("finetune", REPO / "params.tiny.yaml", root, {"finetune.init": str(broken)})
+
+
+def test_evaluate_figures_match_its_saved_predictions(tiny_trained):
+    figures = json.loads((tiny_trained / "reports" / "evaluate.json").read_text())
+    with open(tiny_trained / "reports" / "evaluate" / "predictions.csv", newline="", encoding="utf-8") as handle:
+        predictions = list(csv.DictReader(handle))
+    assert len(predictions) == figures["test_rows"] == 872
+    labels = sorted({p["label"] for p in predictions})
+    correct = sum(p["label"] == p["predicted"] for p in predictions)
+    assert figures["test"]["accuracy"] == round(correct / len(predictions), 5)
+    f1s = []
+    for label in labels:
+        tp = sum(p["label"] == label == p["predicted"] for p in predictions)
+        predicted = sum(p["predicted"] == label for p in predictions)
+        actual = sum(p["label"] == label for p in predictions)
+        f1s.append(0 if tp == 0 else 2 * tp / (predicted + actual))
+        assert figures["test"]["per_class"][label]["support"] == actual
+    assert figures["test"]["macro_f1"] == pytest.approx(sum(f1s) / len(f1s), abs=1e-5)
+    matrix = [[sum(p["label"] == a and p["predicted"] == b for p in predictions) for b in labels] for a in labels]
+    assert figures["test"]["confusion_matrix"] == matrix
+    assert all(abs(sum(float(p[f"score_{label}"]) for label in labels) - 1) < 1e-5 for p in predictions)
+    assert set(figures["baselines"]) == {"majority", "tfidf_logreg", "random_init"}
+    assert figures["baselines"]["majority"]["accuracy"] == round(444 / 872, 5)
+    assert 0 < figures["pretrained_heldout"]["mlm_accuracy"] < 1 and figures["pretrained_heldout"]["mlm_perplexity"] > 1
+    assert (tiny_trained / "reports" / "evaluate" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_is_deterministic(tiny_trained, tmp_path):
+    root = tmp_path / "again"
+    for name in ("data", "artifacts"):
+        shutil.copytree(tiny_trained / name, root / name)
+    again = run_stage("evaluate", REPO / "params.tiny.yaml", root)
+    assert again == json.loads((tiny_trained / "reports" / "evaluate.json").read_text())
+    for name in ("predictions.csv", "confusion.png"):
+        assert (root / "reports" / "evaluate" / name).read_bytes() == \
+            (tiny_trained / "reports" / "evaluate" / name).read_bytes()

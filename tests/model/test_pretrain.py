@@ -1,0 +1,115 @@
+"""Stage pretrain on the tiny profile: loss goes down, the fast loss is BERT's loss, resume-after-kill is exact."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertForPreTraining, BertForSequenceClassification
+
+from tasks.cli import run_stage
+from tasks.io import InputError
+from tasks.model import pretraining_loss
+from tasks.pretrain import PretrainBatches, read_shards
+from tasks.tokenizer import load_tokenizer
+from tests.conftest import REPO
+
+RESUME = {"pretrain.max_steps": 150, "pretrain.checkpoint_every_steps": 10, "pretrain.eval_every": 50}
+
+
+def rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_loss_goes_down(tiny_trained):
+    train = rows(tiny_trained / "reports" / "pretrain" / "train.csv")
+    evals = rows(tiny_trained / "reports" / "pretrain" / "eval.csv")
+    assert float(train[-1]["mlm_loss"]) < float(train[0]["mlm_loss"]) - 0.5
+    assert float(evals[-1]["mlm_loss"]) < float(evals[0]["mlm_loss"])
+    report = json.loads((tiny_trained / "reports" / "pretrain.json").read_text())
+    assert report["steps"] == 60 and report["heldout"]["mlm_accuracy"] > 0
+
+
+def test_output_loads_as_a_classifier(tiny_trained):
+    model = BertForSequenceClassification.from_pretrained(str(tiny_trained / "artifacts" / "pretrained"), num_labels=2)
+    assert model.config.vocab_size == len(load_tokenizer(tiny_trained / "artifacts" / "pretrained"))
+    assert (tiny_trained / "artifacts" / "pretrained" / "model.safetensors").is_file()
+
+
+def test_sparse_mlm_loss_equals_the_reference_loss(tiny_trained):
+    model = BertForPreTraining.from_pretrained(str(tiny_trained / "artifacts" / "pretrained")).eval()
+    tokenizer = load_tokenizer(tiny_trained / "artifacts" / "tokenizer")
+    batches = PretrainBatches(read_shards(tiny_trained / "data" / "pretrain" / "heldout"), tokenizer.pad_token_id,
+                              None, seed=0)
+    batch = batches.batch(list(range(32)), mask_seed="x")
+    with torch.no_grad():
+        ours = pretraining_loss(model, batch).loss
+        reference = model(**batch).loss  # full-vocabulary logits at every position
+    assert torch.allclose(ours, reference, rtol=0, atol=1e-5), (float(ours), float(reference))
+
+
+def start_pretrain(root, overrides):
+    args = [f"{key}={value}" for key, value in overrides.items()]
+    code = ("import sys; from tasks.cli import run_stage; run_stage('pretrain', sys.argv[1], sys.argv[2], "
+            "{k: int(v) for k, v in (a.split('=') for a in sys.argv[3:])})")
+    return subprocess.Popen([sys.executable, "-c", code, str(REPO / "params.tiny.yaml"), str(root), *args],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_after_first_checkpoint(root, overrides):
+    process = start_pretrain(root, overrides)
+    folder = root / "artifacts" / "pretrain_checkpoints"
+    deadline = time.time() + 120
+    while not list(folder.glob("step-*")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (root / "artifacts" / "pretrained").exists()
+
+
+def fresh_root(tiny_run, path):
+    for name in ("data", "artifacts/tokenizer"):
+        shutil.copytree(tiny_run / name, path / name)
+    return path
+
+
+def test_resume_after_kill_gives_the_same_weights(tiny_run, tmp_path):
+    straight = fresh_root(tiny_run, tmp_path / "straight")
+    run_stage("pretrain", REPO / "params.tiny.yaml", straight, RESUME)
+    crashed = fresh_root(tiny_run, tmp_path / "crashed")
+    kill_after_first_checkpoint(crashed, RESUME)
+    with pytest.raises(InputError, match=r"different configuration \(model.hidden_size: 64 there, 32 now"):
+        run_stage("pretrain", REPO / "params.tiny.yaml", crashed, {**RESUME, "pretrain.model.hidden_size": 32})
+    figures = run_stage("pretrain", REPO / "params.tiny.yaml", crashed, RESUME)
+    assert 10 <= figures["resumed_from_step"] < 150 and figures["steps"] == 150
+    a = load_file(straight / "artifacts" / "pretrained" / "model.safetensors")
+    b = load_file(crashed / "artifacts" / "pretrained" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    steps = [int(r["step"]) for r in rows(crashed / "reports" / "pretrain" / "train.csv")]
+    assert steps == sorted(set(steps)), "the curve repeats steps after resuming"
+
+
+def test_vocabulary_mismatch_is_an_error(tiny_run, tiny, tmp_path):
+    params, folder = tiny
+    root = fresh_root(tiny_run, tmp_path / "root")
+    other = tmp_path / "other"
+    other.mkdir()
+    from tests.conftest import write_params
+
+    path = write_params(folder, params)
+    run_stage("ingest", path, other)
+    run_stage("tokenizer", path, other)  # a vocabulary of under 200 tokens
+    shutil.rmtree(root / "artifacts" / "tokenizer")
+    shutil.copytree(other / "artifacts" / "tokenizer", root / "artifacts" / "tokenizer")
+    with pytest.raises(InputError, match=r"built with a tokenizer of 2000 tokens, but .* has \d+; re-run"):
+        run_stage("pretrain", REPO / "params.tiny.yaml", root)
