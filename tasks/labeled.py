@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.io import InputError
 from tasks.params import LabeledParams
-from tasks.sources import decode, read_bytes
+from tasks.sources import decode, iter_jsonl, read_bytes
 from tasks.text import clean_text
 
 BAD_ROW_REASONS = ("empty_text", "missing_label", "unseen_label")
@@ -83,13 +82,7 @@ def _cell(record: list[str], index: int) -> str:
 
 def _jsonl_rows(path: Path, text: str, params: LabeledParams) -> list[Row]:
     rows = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+    for number, record in iter_jsonl(path, text):
         if number == 1 and params.text_column not in record:
             raise InputError(f"{path}: no field '{params.text_column}' (ingest.labeled.text_column); "
                              f"the first record has {sorted(record)}")

@@ -42,11 +42,12 @@ def construct_pretraining_model(config: BertConfig, seed: int) -> BertForPreTrai
 
 
 def load_classifier(path: Path, labels: list[str] | None = None, dropout: float | None = None,
-                    random_init: bool = False) -> BertForSequenceClassification:
+                    random_init: bool = False, encoder_dropout: float | None = None) -> BertForSequenceClassification:
     """A sequence classifier from a saved BERT (pretraining or classification layout).
 
     With ``labels`` the head is (re)built for them and ``id2label``/``label2id`` go into the config;
-    ``random_init`` keeps the architecture but not the weights (the no-pretraining ablation).
+    ``random_init`` keeps the architecture but not the weights (the no-pretraining ablation);
+    ``encoder_dropout`` replaces the encoder's dropout rates (pretraining may have run without).
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -58,6 +59,8 @@ def load_classifier(path: Path, labels: list[str] | None = None, dropout: float 
                  "label2id": {label: i for i, label in enumerate(labels)}}
     if dropout is not None:
         extra["classifier_dropout"] = dropout
+    if encoder_dropout is not None:
+        extra.update(hidden_dropout_prob=encoder_dropout, attention_probs_dropout_prob=encoder_dropout)
     if random_init:
         config.update(extra)
         return BertForSequenceClassification(config)

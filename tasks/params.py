@@ -106,6 +106,7 @@ class PretrainDataParams(Section):
     include_labeled_train: bool = Field(
         False, description="also pretrain on the labeled training texts (task-adaptive MLM; labels unused)")
     labeled_rows_per_document: int = Field(8, ge=1, description="labeled texts grouped into one pseudo-document")
+    labeled_repeat: int = Field(1, ge=1, le=100, description="copies of the labeled texts, each grouped anew")
 
 
 Bf16 = bool | Literal["auto"]
@@ -173,6 +174,7 @@ class FinetuneParams(Section):
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
     classifier_dropout: float = Field(0.1, ge=0, lt=1)
+    encoder_dropout: float | None = Field(None, ge=0, lt=1, description="null: keep the starting model's rates")
     max_grad_norm: float = Field(1.0, gt=0)
     bf16: Bf16 = "auto"
     checkpoint_every_steps: int | None = Field(None, ge=1)

@@ -342,9 +342,19 @@ def _read_column(path: Path, column: str) -> list:
     return pq.read_table(path, columns=[column])[column].to_pylist()
 
 
-def group_rows(texts: list[str], rows_per_document: int) -> list[list[str]]:
-    """Pseudo-documents of consecutive labeled texts (for in-domain MLM; their NSP pairs are noise)."""
-    return [texts[i:i + rows_per_document] for i in range(0, len(texts), rows_per_document)]
+def group_rows(texts: list[str], rows_per_document: int, repeat: int, seed: int) -> list[list[str]]:
+    """Pseudo-documents of labeled texts for in-domain MLM (their NSP pairs are noise).
+
+    The first copy keeps the file order; each further copy is shuffled (seeded) before grouping,
+    so repeated texts meet different neighbours.
+    """
+    documents = []
+    for copy in range(repeat):
+        rows = list(texts)
+        if copy:
+            random.Random(f"{seed}/labeled/{copy}").shuffle(rows)
+        documents += [rows[i:i + rows_per_document] for i in range(0, len(rows), rows_per_document)]
+    return documents
 
 
 def read_texts(paths: Paths, params: PretrainDataParams) -> dict[str, list[list[str]]]:
@@ -352,7 +362,8 @@ def read_texts(paths: Paths, params: PretrainDataParams) -> dict[str, list[list[
     texts = {split: _read_column(paths.corpus / f"{split}.parquet", "sentences") for split in ("train", "heldout")}
     if params.include_labeled_train:
         labeled = _read_column(paths.labeled / "train.parquet", "text")
-        texts["train"] = texts["train"] + group_rows(labeled, params.labeled_rows_per_document)
+        texts["train"] = texts["train"] + group_rows(labeled, params.labeled_rows_per_document,
+                                                     params.labeled_repeat, params.random_seed)
     return texts
 
 

@@ -124,14 +124,19 @@ def split_blocks(text: str) -> Iterator[str]:
         yield "\n".join(block)
 
 
-def _jsonl_texts(path: Path, text: str, text_field: str) -> Iterator[str]:
+def iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line; bad JSON is an error naming the line."""
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+
+
+def _jsonl_texts(path: Path, text: str, text_field: str) -> Iterator[str]:
+    for number, record in iter_jsonl(path, text):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise InputError(f"{path}: line {number}: no string field '{text_field}' "
                              "(set text_field of this source)")

@@ -106,3 +106,25 @@ def outputs_left(root: Path) -> list[str]:
     """Everything a stage may have written under ``root`` (data/, artifacts/, reports/)."""
     return sorted(str(p.relative_to(root)) for top in ("data", "artifacts", "reports")
                   for p in (root / top).rglob("*") if p.is_file())
+
+
+def kill_stage_after_first_checkpoint(stage: str, root: Path, checkpoints: Path, overrides: dict) -> None:
+    """Run ``stage`` (tiny profile) in a child process and SIGKILL it once its first checkpoint exists."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import json, sys; from tasks.cli import run_stage; "
+            "run_stage(sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))")
+    process = subprocess.Popen([sys.executable, "-c", code, stage, str(REPO / "params.tiny.yaml"), str(root),
+                                json.dumps(overrides)], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(checkpoints.glob("step-*")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"

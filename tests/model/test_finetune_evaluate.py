@@ -9,7 +9,7 @@ from transformers import AutoConfig
 
 from tasks.cli import run_stage
 from tasks.io import InputError
-from tests.conftest import REPO, write_params
+from tests.conftest import REPO, kill_stage_after_first_checkpoint, write_params
 
 POSITIVE = ["good", "great", "fine", "happy", "nice", "best"]
 NEGATIVE = ["bad", "poor", "sad", "worst", "awful", "wrong"]
@@ -103,3 +103,29 @@ def test_evaluate_is_deterministic(tiny_trained, tmp_path):
     for name in ("predictions.csv", "confusion.png"):
         assert (root / "reports" / "evaluate" / name).read_bytes() == \
             (tiny_trained / "reports" / "evaluate" / name).read_bytes()
+
+
+def test_finetune_resumes_after_kill_with_the_same_weights(tiny_trained, tmp_path):
+    from safetensors.torch import load_file
+
+    overrides = {"finetune.checkpoint_every_steps": 5, "finetune.random_init_ablation": False}
+
+    def root(name):
+        path = tmp_path / name
+        shutil.copytree(tiny_trained / "data", path / "data")
+        shutil.copytree(tiny_trained / "artifacts" / "pretrained", path / "artifacts" / "pretrained")
+        return path
+
+    straight = root("straight")
+    run_stage("finetune", REPO / "params.tiny.yaml", straight, overrides)
+    crashed = root("crashed")
+    checkpoints = crashed / "artifacts" / "finetune_checkpoints" / "pretrained"
+    kill_stage_after_first_checkpoint("finetune", crashed, checkpoints, overrides)
+    figures = run_stage("finetune", REPO / "params.tiny.yaml", crashed, overrides)
+    assert figures["pretrained"]["resumed_from_step"] >= 5
+    a = load_file(straight / "artifacts" / "classifier" / "model.safetensors")
+    b = load_file(crashed / "artifacts" / "classifier" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    straight_curve = list(csv.DictReader(open(straight / "reports" / "finetune" / "pretrained.csv")))
+    crashed_curve = list(csv.DictReader(open(crashed / "reports" / "finetune" / "pretrained.csv")))
+    assert [r["dev_accuracy"] for r in crashed_curve] == [r["dev_accuracy"] for r in straight_curve]

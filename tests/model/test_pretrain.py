@@ -2,12 +2,7 @@
 
 import csv
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +14,7 @@ from tasks.io import InputError
 from tasks.model import pretraining_loss
 from tasks.pretrain import PretrainBatches, read_shards
 from tasks.tokenizer import load_tokenizer
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_stage_after_first_checkpoint
 
 RESUME = {"pretrain.max_steps": 150, "pretrain.checkpoint_every_steps": 10, "pretrain.eval_every": 50}
 
@@ -56,23 +51,8 @@ def test_sparse_mlm_loss_equals_the_reference_loss(tiny_trained):
     assert torch.allclose(ours, reference, rtol=0, atol=1e-5), (float(ours), float(reference))
 
 
-def start_pretrain(root, overrides):
-    args = [f"{key}={value}" for key, value in overrides.items()]
-    code = ("import sys; from tasks.cli import run_stage; run_stage('pretrain', sys.argv[1], sys.argv[2], "
-            "{k: int(v) for k, v in (a.split('=') for a in sys.argv[3:])})")
-    return subprocess.Popen([sys.executable, "-c", code, str(REPO / "params.tiny.yaml"), str(root), *args],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 def kill_after_first_checkpoint(root, overrides):
-    process = start_pretrain(root, overrides)
-    folder = root / "artifacts" / "pretrain_checkpoints"
-    deadline = time.time() + 120
-    while not list(folder.glob("step-*")) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_stage_after_first_checkpoint("pretrain", root, root / "artifacts" / "pretrain_checkpoints", overrides)
     assert not (root / "artifacts" / "pretrained").exists()
 
 

@@ -120,3 +120,21 @@ def test_plan_units_cover_every_document_once_per_dupe():
     for dupe in range(3):
         covered = [i for u in units if u.dupe == dupe for i in range(u.start, u.stop)]
         assert covered == list(range(40))
+
+
+def test_class_weights_are_inverse_frequency():
+    from tasks.finetune import class_weights
+
+    assert class_weights([0, 0, 0, 1], 2).tolist() == pytest.approx([4 / 6, 2.0])
+
+
+def test_epoch_order_groups_similar_lengths_and_covers_full_batches():
+    from tasks.finetune import epoch_order
+
+    lengths = [random.Random(i).randint(3, 60) for i in range(1000)]
+    order = epoch_order(lengths, batch_size=10, seed=1, epoch=0, pool=5)
+    assert len(order) == len(set(order)) and len(order) % 10 == 0 and len(order) >= 950
+    spread = sum(max(lengths[i] for i in order[k:k + 10]) - min(lengths[i] for i in order[k:k + 10])
+                 for k in range(0, len(order), 10)) / (len(order) / 10)
+    assert spread < 15  # unsorted batches of 10 would spread by about 45
+    assert order == epoch_order(lengths, 10, 1, 0, 5) and order != epoch_order(lengths, 10, 1, 1, 5)
