@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
 from tasks import training as tr
-from tasks.io import InputError, atomic_dirs, read_json, write_json
+from tasks.io import atomic_dirs, read_column, read_json, write_json
 from tasks.model import check_positions, check_vocab, load_classifier
 from tasks.params import FinetuneParams
 from tasks.paths import Paths
@@ -205,10 +204,7 @@ def init_folder(params: FinetuneParams, paths: Paths) -> Path:
 
 def read_split(paths: Paths, split: str) -> tuple[list[str], list[int]]:
     path = paths.labeled / f"{split}.parquet"
-    if not path.is_file():
-        raise InputError(f"{path}: missing; run `bertflow ingest` first")
-    table = pq.read_table(path, columns=["text", "label_id"])
-    return table["text"].to_pylist(), table["label_id"].to_pylist()
+    return read_column(path, "text"), read_column(path, "label_id")
 
 
 def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], params: FinetuneParams,

@@ -72,3 +72,12 @@ def read_json(path: Path) -> Any:
 
 class InputError(ValueError):
     """Bad input data; the message names the file at fault (and line or byte offset where it applies)."""
+
+
+def read_column(path: Path, column: str, producer: str = "ingest") -> list:
+    """One column of a stage's Parquet output; a missing file names the stage that makes it."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise InputError(f"{path}: missing; run `bertflow {producer}` first")
+    return pq.read_table(path, columns=[column])[column].to_pylist()

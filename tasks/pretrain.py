@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from tasks import training as tr
 from tasks.io import InputError, atomic_dirs, read_json
-from tasks.model import check_positions, check_vocab, construct_config, construct_pretraining_model, pretraining_loss
+from tasks.model import check_positions, construct_config, construct_pretraining_model, pretraining_loss
 from tasks.params import PretrainDataParams, PretrainParams
 from tasks.paths import Paths
 from tasks.pretrain_data import MaskingSpec, mask_tokens, masking_spec
@@ -232,7 +232,6 @@ def run(params: PretrainParams, paths: Paths) -> dict:
     tokenizer = load_tokenizer(paths.tokenizer)
     train_batches, eval_batches, info = load_data(paths, tokenizer, params)
     config = construct_config(params.model, len(tokenizer), tokenizer.pad_token_id)
-    check_vocab(config, len(tokenizer), str(paths.tokenizer))
     check_positions(config, info["params"]["max_seq_length"], "pretrain.model.max_position_embeddings")
     model = construct_pretraining_model(config, params.seed)
     optimizer = torch.optim.AdamW(tr.parameter_groups(model, params.weight_decay), lr=params.learning_rate,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tasks.io import InputError, atomic_dirs, write_json
+from tasks.io import InputError, atomic_dirs, read_column, write_json
 from tasks.params import PretrainDataParams
 from tasks.paths import Paths
 from tasks.tokenizer import load_tokenizer
@@ -334,14 +334,6 @@ def summarize(counts: Counter, max_seq_length: int) -> dict:
     }
 
 
-def _read_column(path: Path, column: str) -> list:
-    if not path.is_file():
-        raise InputError(f"{path}: missing; run `bertflow ingest` first")
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path, columns=[column])[column].to_pylist()
-
-
 def group_rows(texts: list[str], rows_per_document: int, repeat: int, seed: int) -> list[list[str]]:
     """Pseudo-documents of labeled texts for in-domain MLM (their NSP pairs are noise).
 
@@ -359,9 +351,9 @@ def group_rows(texts: list[str], rows_per_document: int, repeat: int, seed: int)
 
 def read_texts(paths: Paths, params: PretrainDataParams) -> dict[str, list[list[str]]]:
     """Sentences per document: the corpus splits, plus the labeled training texts when asked (train only)."""
-    texts = {split: _read_column(paths.corpus / f"{split}.parquet", "sentences") for split in ("train", "heldout")}
+    texts = {split: read_column(paths.corpus / f"{split}.parquet", "sentences") for split in ("train", "heldout")}
     if params.include_labeled_train:
-        labeled = _read_column(paths.labeled / "train.parquet", "text")
+        labeled = read_column(paths.labeled / "train.parquet", "text")
         texts["train"] = texts["train"] + group_rows(labeled, params.labeled_rows_per_document,
                                                      params.labeled_repeat, params.random_seed)
     return texts

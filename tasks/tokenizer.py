@@ -13,10 +13,9 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from tasks.io import InputError, atomic_dirs
+from tasks.io import InputError, atomic_dirs, read_column
 from tasks.params import TokenizerParams
 from tasks.paths import Paths
 
@@ -90,21 +89,14 @@ def write_vocab_txt(path: Path, vocab: dict[str, int]) -> None:
 
 
 def read_sentences(path: Path) -> list[str]:
-    return [s for sentences in pq.read_table(path, columns=["sentences"])["sentences"].to_pylist()
-            for s in sentences]
+    return [s for sentences in read_column(path, "sentences") for s in sentences]
 
 
 def training_texts(paths: Paths, params: TokenizerParams) -> Iterator[str]:
     """Train-split text only: corpus sentences, then (optionally) labeled training texts."""
-    yield from read_sentences(_need(paths.corpus / "train.parquet"))
+    yield from read_sentences(paths.corpus / "train.parquet")
     if params.include_labeled_train:
-        yield from pq.read_table(_need(paths.labeled / "train.parquet"), columns=["text"])["text"].to_pylist()
-
-
-def _need(path: Path) -> Path:
-    if not path.is_file():
-        raise InputError(f"{path}: missing; run `bertflow ingest` first")
-    return path
+        yield from read_column(paths.labeled / "train.parquet", "text")
 
 
 def run(params: TokenizerParams, paths: Paths) -> dict:
@@ -115,6 +107,6 @@ def run(params: TokenizerParams, paths: Paths) -> dict:
     with atomic_dirs([paths.tokenizer]) as (folder,):
         tokenizer.save_pretrained(str(folder))
         write_vocab_txt(folder / "vocab.txt", vocab)
-    figures = tokenizer_figures(tokenizer, read_sentences(_need(paths.corpus / "heldout.parquet")))
+    figures = tokenizer_figures(tokenizer, read_sentences(paths.corpus / "heldout.parquet"))
     return {**figures, "train_seconds": round(train_seconds, 2),
             "seconds": round(time.perf_counter() - started, 2)}
