@@ -25,6 +25,7 @@ STAGES = {
     "pretrain": "pretrain BERT (MLM + NSP) into artifacts/pretrained",
     "finetune": "fine-tune the classifier into artifacts/classifier (+ the random-init ablation)",
     "evaluate": "test-set figures, held-out MLM figures and baselines into reports/evaluate",
+    "register": "track the run in MLflow and register the classifier (challenger/champion)",
 }
 
 
@@ -38,7 +39,8 @@ def run_stage(stage: str, params_file: str | Path = "params.yaml", root: str | P
     if stage == "ingest" and dvc_yaml.is_file() and uses_dvc_params:
         check_dvc_deps(dvc_yaml, params)
     module = importlib.import_module(f"tasks.{stage}")
-    figures = module.run(getattr(params, stage), paths)
+    section = params if getattr(module, "WHOLE_PARAMS", False) else getattr(params, stage)
+    figures = module.run(section, paths)
     write_json(paths.report(stage), figures)
     return figures
 

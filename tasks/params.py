@@ -9,6 +9,7 @@ params file (the folder DVC runs from).
 from __future__ import annotations
 
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,6 +201,21 @@ class EvaluateParams(Section):
     num_threads: int | None = Field(2, ge=1, description="fixed, so figures are identical from run to run")
 
 
+class RegisterParams(Section):
+    model_name: str = Field("bertflow-classifier", min_length=1, description="registered model name")
+    experiment: str = Field("bertflow", min_length=1, description="MLflow experiment of the pipeline runs")
+    tracking_uri: str | None = Field(
+        None, description="null: $MLFLOW_TRACKING_URI, else the embedded SQLite registry under mlruns/")
+    metric: Literal["accuracy", "macro_f1"] = Field("accuracy", description="test metric the promotion gate compares")
+    min_delta: float = Field(0.0, ge=0, description="how much the new version must beat the champion by")
+    retries: int = Field(3, ge=0, description="further attempts when the registry does not answer")
+    backoff_seconds: float = Field(2.0, ge=0, description="wait before the first retry; doubled each time")
+    timeout_seconds: float = Field(30.0, gt=0, description="HTTP timeout of one registry request")
+
+
+warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows')  # ABC.register; harmless
+
+
 class Params(Section):
     ingest: IngestParams
     tokenizer: TokenizerParams
@@ -207,6 +223,7 @@ class Params(Section):
     pretrain: PretrainParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
+    register: RegisterParams
 
 
 def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:

@@ -36,6 +36,7 @@ TINY_TRAINING = {
                            "intermediate_size": 64, "max_position_embeddings": 64}, "max_steps": 10, "batch_size": 8},
     "finetune": {"max_seq_length": 32, "epochs": 1, "batch_size": 8},
     "evaluate": {},
+    "register": {"model_name": "tiny", "retries": 0},
 }
 
 

@@ -14,7 +14,8 @@ import yaml
 from tests.conftest import REPO, TINY_TRAINING
 
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+ENV = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+       "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
 
 
 def sh(*args, cwd, check=True):
@@ -93,11 +94,14 @@ def test_stale_dvc_deps_are_refused(project):
 
 
 def test_whole_chain_under_dvc(project):
-    stages = ["ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate"]
-    assert repro(project, "evaluate") == stages
+    stages = ["ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "register"]
+    assert repro(project, "register") == stages
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
+    assert repro(project, "register") == []
     set_param(project, "finetune", "learning_rate", 0.0005)
-    assert repro(project, "evaluate") == ["finetune", "evaluate"]
+    assert repro(project, "register") == ["finetune", "evaluate", "register"]
+    registered = json.loads((project / "reports" / "register.json").read_text())
+    assert registered["version"] == "2" and (project / "mlruns" / "mlflow.db").is_file()
     metrics = sh("dvc", "metrics", "show", "--json", cwd=project).stdout
     assert "test.accuracy" in metrics or '"accuracy"' in metrics
     plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=project).stdout)["data"]

@@ -1,0 +1,232 @@
+"""The register stage against real MLflow: tracking, the promotion gate, consumption, an unreachable registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.register import CHALLENGER, CHAMPION, Standing, data_fingerprint, promotion, redact
+from tasks.tracking import dvc_lock_hashes, flatten, numeric, read_curve
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+CONSUMER = """
+import sys
+sys.modules["tasks"] = None  # a consumer has mlflow, torch and transformers, not bertflow
+import json, mlflow
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+out = model.predict(json.loads(sys.argv[3]))
+print(json.dumps(out.to_dict(orient="list")))
+"""
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def test_promotion_rule():
+    new = Standing("new", 0.80, "abc")
+    assert promotion(new, None, "accuracy", 0.0) == (CHAMPION, "no champion yet")
+    decision, reason = promotion(new, Standing("3", 0.70, "xyz"), "accuracy", 0.0)
+    assert decision == CHALLENGER and reason.startswith("not compared") and "v3" in reason
+    assert promotion(new, Standing("3", 0.79, "abc"), "accuracy", 0.0)[0] == CHAMPION
+    assert promotion(new, Standing("3", 0.79, "abc"), "accuracy", 0.02)[0] == CHALLENGER
+    assert promotion(new, Standing("3", 0.78, "abc"), "accuracy", 0.02)[0] == CHAMPION
+    assert promotion(new, Standing("3", 0.80, "abc"), "accuracy", 0.0)[0] == CHALLENGER  # a tie is no win
+    assert promotion(new, Standing("3", 0.81, "abc"), "accuracy", 0.0)[0] == CHALLENGER
+
+
+def test_fingerprint_depends_on_content_only():
+    assert data_fingerprint(["a", "b"], ["0", "1"]) == data_fingerprint(["a", "b"], ["0", "1"])
+    assert data_fingerprint(["a", "b"], ["0", "1"]) != data_fingerprint(["a", "b"], ["1", "1"])
+    assert data_fingerprint(["ab", ""], ["0", "1"]) != data_fingerprint(["a", "b"], ["0", "1"])
+
+
+def test_flatten_numeric_curves_and_lock(tmp_path):
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": 1, "a.c": "[1, 2]", "d": "x"}
+    assert numeric({"a": {"b": 1, "ok": True}, "d": "x", "e": 0.5}) == {"a.b": 1.0, "e": 0.5}
+    (tmp_path / "c.csv").write_text("step,loss,lr\n1,2.5,1.0e-3\n10,2.0,n/a\n")
+    assert read_curve(tmp_path / "c.csv") == [(1, {"loss": 2.5, "lr": 0.001}), (10, {"loss": 2.0})]
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  s:\n    cmd: x\n    deps:\n    - path: a\n      md5: 11\n"
+        "    outs:\n    - path: b\n      md5: 22\n      size: 3\n")
+    assert dvc_lock_hashes(tmp_path / "dvc.lock") == {"a": 11, "b": 22}
+    assert redact("https://user:secret@host:5000") == "https://***@host:5000"
+
+
+# ---------------------------------------------------------------- the stage, embedded store
+
+
+@pytest.fixture
+def trained_copy(tiny_trained, tmp_path):
+    """A private copy of the tiny trained project (registering writes mlruns/ and reports/)."""
+    root = tmp_path / "project"
+    for name in ("data", "artifacts", "reports"):
+        shutil.copytree(tiny_trained / name, root / name, ignore=shutil.ignore_patterns("*_checkpoints"))
+    return root
+
+
+def client_for(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def register(root: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    environment.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {}))
+    return subprocess.run(["bertflow", "--params", str(REPO / "params.tiny.yaml"), "--root", str(root), "register"],
+                          capture_output=True, text=True, env=environment, timeout=600)
+
+
+def consume(uri: str, model_uri: str, texts: list[str]) -> dict:
+    result = subprocess.run([sys.executable, "-c", CONSUMER, uri, model_uri, json.dumps(texts)], capture_output=True,
+                            text=True, timeout=600, cwd="/")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_register_tracks_gates_and_serves(trained_copy):
+    root = trained_copy
+    first = register(root)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((root / "reports" / "register.json").read_text())
+    assert (report["version"], report["decision"], report["aliases"]) == ("1", CHAMPION, [CHALLENGER, CHAMPION])
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    client = client_for(uri)
+
+    # the pipeline run: params, lineage tags, nested stage runs with curves, artifacts
+    run = client.get_run(report["run_id"])
+    assert run.data.params["pretrain.model.hidden_size"] == "64"
+    assert run.data.params["finetune.learning_rate"]
+    assert run.data.tags["git_commit"] and run.data.tags["git_dirty"] in ("true", "false", "unknown")
+    assert run.data.metrics["test.accuracy"] == json.loads((root / "reports/evaluate.json").read_text())[
+        "test"]["accuracy"]
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert {c.data.tags["stage"] for c in children} == {"ingest", "tokenizer", "pretrain_data", "pretrain",
+                                                         "finetune", "evaluate"}
+    pretrain_run = next(c for c in children if c.data.tags["stage"] == "pretrain")
+    curve = client.get_metric_history(pretrain_run.info.run_id, "train.loss")
+    assert len(curve) > 2 and len({m.step for m in curve}) == len(curve)
+    finetune_run = next(c for c in children if c.data.tags["stage"] == "finetune")
+    assert client.get_metric_history(finetune_run.info.run_id, "pretrained.dev_accuracy")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model_card.md", "reports"} <= artifacts
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "reports/evaluate")}
+    assert "reports/evaluate/confusion.png" in logged
+    assert not any("checkpoint" in a.path for a in client.list_artifacts(run.info.run_id, "reports"))
+    assert report["logging"]["total_seconds"] > 0
+
+    # the version: tags, card, aliases
+    version = client.get_model_version("bertflow-tiny", "1")
+    assert version.tags["gate.decision"] == CHAMPION and version.tags["gate.reason"] == "no champion yet"
+    assert "## Evaluation" in version.description and "## Lineage" in version.description
+
+    # a second registration of the same model does not beat the champion: challenger only
+    assert register(root).returncode == 0
+    second = json.loads((root / "reports" / "register.json").read_text())
+    assert (second["version"], second["decision"], second["aliases"]) == ("2", CHALLENGER, [CHALLENGER])
+    assert str(client.get_model_version_by_alias("bertflow-tiny", CHAMPION).version) == "1"
+    assert str(client.get_model_version_by_alias("bertflow-tiny", CHALLENGER).version) == "2"
+    assert "does not beat champion v1" in client.get_model_version("bertflow-tiny", "2").tags["gate.reason"]
+
+    # other test data on the champion: not compared, stays challenger, and says why
+    client.set_model_version_tag("bertflow-tiny", "1", "test_data_fingerprint", "other-data")
+    assert register(root).returncode == 0
+    third = client.get_model_version("bertflow-tiny", "3")
+    assert third.tags["gate.decision"] == CHALLENGER and third.tags["gate.reason"].startswith("not compared")
+
+    # a champion measured lower on the same data is replaced
+    client.set_model_version_tag("bertflow-tiny", "1", "test_data_fingerprint", report["test_data_fingerprint"])
+    client.set_model_version_tag("bertflow-tiny", "1", "metric.accuracy", "0.0")
+    assert register(root).returncode == 0
+    assert str(client.get_model_version_by_alias("bertflow-tiny", CHAMPION).version) == "4"
+
+    # consumption: a fresh process without bertflow predicts what evaluate saved
+    import pandas as pd
+
+    saved = pd.read_csv(root / "reports/evaluate/predictions.csv", keep_default_na=False, dtype=str)
+    served = consume(uri, "models:/bertflow-tiny@champion", saved["text"].tolist())
+    assert served["label"] == saved["predicted"].tolist()
+    for column in [c for c in saved.columns if c.startswith("score_")]:
+        difference = max(abs(a - float(b)) for a, b in zip(served[column], saved[column], strict=True))
+        assert difference <= 1e-5, column
+    frame_input = consume(uri, "models:/bertflow-tiny@champion", saved["text"].tolist()[:3])
+    assert frame_input["label"] == saved["predicted"].tolist()[:3]
+
+
+# ---------------------------------------------------------------- a real server, down then up
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server_port():
+    return free_port()
+
+
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "art")],
+        cwd=folder, stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return process
+        except OSError:
+            if process.poll() is not None:
+                raise AssertionError((folder / "server.log").read_text()[-3000:]) from None
+            time.sleep(0.5)
+    process.kill()
+    raise AssertionError("mlflow server did not start")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    import signal
+
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_unreachable_registry_then_register_alone(trained_copy, server_port, tmp_path):
+    root = trained_copy
+    uri = f"http://127.0.0.1:{server_port}"
+    classifier = sorted(p.name for p in (root / "artifacts/classifier").iterdir())
+    down = register(root, {"MLFLOW_TRACKING_URI": uri})
+    assert down.returncode == 2
+    message = down.stderr.strip().splitlines()[-1]
+    assert message.startswith("bertflow register: error: MLflow registry at http://127.0.0.1:")
+    assert "did not answer" in message and "run `bertflow register` again" in message
+    assert sorted(p.name for p in (root / "artifacts/classifier").iterdir()) == classifier
+    assert not (root / "reports/register.json").exists()
+
+    server = start_server(tmp_path / "server", server_port)
+    try:
+        up = register(root, {"MLFLOW_TRACKING_URI": uri})
+        assert up.returncode == 0, up.stderr[-3000:]
+        report = json.loads((root / "reports/register.json").read_text())
+        assert report["tracking_uri"] == uri and report["decision"] == CHAMPION
+        assert str(client_for(uri).get_model_version_by_alias("bertflow-tiny", CHAMPION).version) == "1"
+        served = consume(uri, "models:/bertflow-tiny@champion", ["a fine film"])
+        assert len(served["label"]) == 1
+        assert not (root / "mlruns").exists()  # the server, not the embedded store, got the run
+    finally:
+        stop_server(server)
