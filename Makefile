@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test lint bench-data
+.PHONY: setup run serve test lint bench-data
 
 setup: $(STAMP)
 
@@ -17,9 +17,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The Prefect flow (flows/pipeline.py) with the embedded default: a temporary local Prefect server,
+# embedded MLflow under mlruns/, DVC remote from .dvc/config. `dvc repro` alone runs the same stages.
 run: $(STAMP)
-	bertflow sync-dvc
-	dvc repro
+	bertflow-flow run
+
+# Serve the flow as a deployment on params.yaml's `schedule` (blocks; needs PREFECT_API_URL of a server).
+serve: $(STAMP)
+	bertflow-flow serve
 
 test: $(STAMP)
 	pytest

@@ -213,6 +213,34 @@ class RegisterParams(Section):
     timeout_seconds: float = Field(30.0, gt=0, description="HTTP timeout of one registry request")
 
 
+class ScheduleParams(Section):
+    """The Prefect deployment of the pipeline flow (``bertflow-flow serve``); not a stage, not in dvc.yaml."""
+
+    deployment: str = Field("nightly", min_length=1, description="deployment name (flow 'bertflow')")
+    cron: str = Field("0 3 * * *", description="when to run, a cron string")
+    timezone: str = Field("UTC", description="IANA time zone of the cron string")
+    lock_wait_seconds: float = Field(3600.0, ge=0, description="how long a scheduled run waits for a running one")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) not in (5, 6):
+            raise ValueError(f"not a cron string (5 fields, e.g. '0 3 * * *'): {value!r}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as 'Europe/Berlin')") from None
+        return value
+
+
 warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows')  # ABC.register; harmless
 
 
@@ -224,6 +252,7 @@ class Params(Section):
     finetune: FinetuneParams
     evaluate: EvaluateParams
     register: RegisterParams
+    schedule: ScheduleParams = ScheduleParams()
 
 
 def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:

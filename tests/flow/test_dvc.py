@@ -1,66 +1,10 @@
 """The data stages under real DVC: first repro runs all, second none, and changes re-run just what depends on them."""
 
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_TRAINING
-
-BIN = Path(sys.executable).parent
-ENV = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
-       "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-
-
-def sh(*args, cwd, check=True):
-    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def repro(cwd, target: str = "pretrain_data") -> list[str]:
-    out = sh("dvc", "repro", target, cwd=cwd).stdout
-    return re.findall(r"Running stage '(\w+)'", out)
-
-
-def write_docs(folder: Path, name: str, start: int, count: int) -> None:
-    docs = [f"Document {i} is about the number {i}. It has a second sentence here. "
-            f"And a third one about {i} too. The end of document {i} comes now." for i in range(start, start + count)]
-    (folder / name).write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-
-
-@pytest.fixture
-def project(tmp_path):
-    shutil.copy(REPO / "dvc.yaml", tmp_path)
-    shutil.copytree(REPO / "tasks", tmp_path / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "corpus").mkdir()
-    write_docs(tmp_path / "corpus", "a.txt", 0, 30)
-    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"text {i}\t{i % 2}\n" for i in range(50)))
-    params = {
-        "ingest": {"corpus": {"sources": [{"path": "corpus"}], "min_document_chars": 20, "heldout_fraction": 0.3},
-                   "labeled": {"train": "train.tsv"}},
-        "tokenizer": {"vocab_size": 150, "min_frequency": 1},
-        "pretrain_data": {"max_seq_length": 32, "dupe_factor": 1, "num_proc": 1},
-        **TINY_TRAINING,
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh("git", "init", "-q", cwd=tmp_path)
-    sh("dvc", "init", "-q", cwd=tmp_path)
-    sh("bertflow", "sync-dvc", cwd=tmp_path)
-    return tmp_path
-
-
-def set_param(project: Path, section: str, key: str, value) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params[section][key] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+from tests.flow.conftest import repro, set_param, sh, write_docs
 
 
 def test_repro_skips_and_reruns_exactly_what_changed(project):

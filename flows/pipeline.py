@@ -1,0 +1,367 @@
+"""The pipeline as a Prefect 3 flow: ingest → tokenizer → pretrain_data → pretrain → finetune → evaluate → register.
+
+Each task runs its stage through DVC (``dvc repro --single-item <stage>``), i.e. the very
+``bertflow <stage>`` command of dvc.yaml, so the two drivers share one record of what was built
+from what: DVC decides what is skipped, writes dvc.lock and caches the outputs, whether the run
+was started by Prefect or by ``dvc repro``. After the stages, the outputs are pushed to the DVC
+remote and the dvc.lock of the run is logged to the MLflow run that registered the model.
+
+Reads: the project root's params.yaml (or ``params_file``, copied onto it) and dvc.yaml.
+Writes: what the stages write, ``.dvc/tmp/bertflow-pipeline.lock`` while it runs (one run at a
+time), the DVC remote, the MLflow run's ``dvc.lock`` artifact, and a Prefect markdown artifact
+summarising the run.
+
+    bertflow-flow run [--root .] [--params FILE] [--set finetune.learning_rate=5e-5 ...]
+    bertflow-flow serve            # a deployment on the cron schedule of params.yaml's `schedule`
+"""
+
+from __future__ import annotations
+
+import os
+
+# Defaults for an offline machine and a SQLite-backed server; an explicit environment wins.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+    "PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS": "false",
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",  # SQLite "database is locked": wait instead of failing
+    "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "DVC_NO_ANALYTICS": "1",
+}
+for _key, _value in PREFECT_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+STAGES = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "register")
+# I/O-bound stages are retried (remote sources may hiccup), training never, and bad input never: it
+# fails the same way every time. register retries the registry itself (register.retries, back-off).
+RETRIED = {"ingest": 2}
+LOCK_FILE = Path(".dvc") / "tmp" / "bertflow-pipeline.lock"
+BIN = Path(sys.executable).parent
+
+
+class PipelineBusy(RuntimeError):
+    """Another pipeline run holds the project's lock."""
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed; the message carries the stage's own error line."""
+
+
+class BadInput(StageFailed):
+    """The stage refused its input or params (exit 2, ``bertflow <stage>: error: ...``): retrying cannot help."""
+
+
+# ---------------------------------------------------------------- helpers (no Prefect state)
+
+
+def command_env() -> dict[str, str]:
+    """The environment of the stage commands: this interpreter's scripts first on PATH."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    flow_run = _flow_run_id()
+    if flow_run:
+        env["PREFECT__FLOW_RUN_ID"] = flow_run  # register tags the MLflow run with it
+    return env
+
+
+def _flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+        return flow_run.get_id()
+    except Exception:  # noqa: BLE001 - outside a flow run
+        return None
+
+
+def stream(args: list[str], root: Path, logger) -> tuple[int, list[str]]:
+    """Run a command in ``root``, every output line into the task log; returns (exit code, lines)."""
+    process = subprocess.Popen(args, cwd=root, env=command_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines = []
+    for line in process.stdout:
+        line = line.rstrip()
+        if line:
+            lines.append(line)
+            logger.info(line)
+    return process.wait(), lines
+
+
+def error_line(lines: list[str]) -> str:
+    """The stage's own message (``bertflow <stage>: error: ...``), else DVC's last ERROR line."""
+    for prefix in ("bertflow ", "ERROR"):
+        for line in reversed(lines):
+            if line.startswith(prefix) and "error" in line.lower():
+                return line
+    return lines[-1] if lines else "no output"
+
+
+@contextlib.contextmanager
+def pipeline_lock(root: Path, wait_seconds: float):
+    """One pipeline run per project at a time; a second waits ``wait_seconds``, then is refused."""
+    path = root / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise PipelineBusy(f"{path}: another pipeline run holds the lock ({holder}); this run stops "
+                                   "before touching data, dvc.lock or the registry") from None
+            time.sleep(1.0)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, flow run {_flow_run_id()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.seek(0)
+        handle.truncate()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def prepare_params(root: Path, params_file: str | None, overrides: dict[str, Any]) -> None:
+    """Validate the params; copy ``params_file`` onto params.yaml and write ``overrides`` into it.
+
+    DVC reads params.yaml, so that is where a run's settings must be for the skip logic and
+    dvc.lock to record them (the same as ``dvc exp run --set-param``).
+    """
+    from ruamel.yaml import YAML
+
+    from tasks.params import load_params
+
+    target = root / "params.yaml"
+    source = Path(params_file) if params_file else target
+    if not source.is_absolute():
+        source = root / source
+    load_params(source, overrides)  # raises ParamsError naming every bad key, before anything changes
+    if source.resolve() == target.resolve() and not overrides:
+        return
+    yaml = YAML()
+    data = yaml.load(source.read_text(encoding="utf-8"))
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    tmp = target.with_suffix(".yaml.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        yaml.dump(data, handle)
+    os.replace(tmp, target)
+
+
+def read_report(root: Path, name: str) -> dict:
+    path = root / "reports" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def git_revision(root: Path) -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + (" (uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+
+
+def lock_digest(root: Path) -> str:
+    import hashlib
+
+    lock = root / "dvc.lock"
+    return hashlib.md5(lock.read_bytes()).hexdigest() if lock.is_file() else "none"
+
+
+def summary_markdown(root: Path, outcomes: list[dict], pushed: str) -> str:
+    evaluation, registered = read_report(root, "evaluate"), read_report(root, "register")
+    test = evaluation.get("test", {})
+    rows = [f"| bertflow classifier | {test.get('accuracy', '–')} | {test.get('macro_f1', '–')} |"]
+    rows += [f"| baseline: {name} | {value.get('accuracy', '–')} | {value.get('macro_f1', '–')} |"
+             for name, value in evaluation.get("baselines", {}).items()]
+    registry_ran = any(o["stage"] == "register" and o["ran"] for o in outcomes)
+    lines = [
+        "# bertflow pipeline run", "",
+        "| stage | status | seconds |", "|---|---|---|",
+        *[f"| {o['stage']} | {'ran' if o['ran'] else 'skipped'} | {o['seconds']} |" for o in outcomes], "",
+        "## Test figures", "", "| model | accuracy | macro-F1 |", "|---|---|---|", *rows, "",
+        "## Registry", "",
+        f"- decision: **{registered.get('decision', '–')}** ({registered.get('reason', '–')})"
+        + ("" if registry_ran else " — from an earlier run; nothing new was registered"),
+        f"- model: `{registered.get('model_uri', '–')}` (aliases: {', '.join(registered.get('aliases', [])) or '–'})",
+        f"- MLflow run: `{registered.get('run_id', '–')}` at {registered.get('tracking_uri', '–')}", "",
+        "## Revisions", "",
+        f"- git: {git_revision(root)}",
+        f"- dvc.lock md5: `{lock_digest(root)}`",
+        f"- DVC remote: {pushed}", "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except BadInput:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return True
+
+
+@task(cache_policy=NO_CACHE, retry_condition_fn=retry_unless_bad_input)
+def run_stage(stage: str, root: str) -> dict:
+    """One stage through DVC: skipped when its deps, params and outs are unchanged."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    code, lines = stream(["dvc", "repro", "--single-item", stage], Path(root), logger)
+    if code != 0:
+        message = error_line(lines)
+        failure = BadInput if message.startswith(f"bertflow {stage}: error:") else StageFailed
+        raise failure(f"stage {stage} failed: {message}")
+    ran = any(f"Running stage '{stage}'" in line for line in lines)
+    logger.info("stage %s %s", stage, "ran" if ran else "skipped (nothing changed)")
+    return {"stage": stage, "ran": ran, "seconds": round(time.perf_counter() - started, 1)}
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def sync_dvc(root: str) -> None:
+    code, lines = stream(["bertflow", "sync-dvc"], Path(root), get_run_logger())
+    if code != 0:
+        raise StageFailed(f"bertflow sync-dvc failed: {error_line(lines)}")
+
+
+@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[10, 30, 60])
+def push_outputs(root: str) -> str:
+    """``dvc push`` to the default remote; without one, says so (the outputs stay in the local cache)."""
+    logger = get_run_logger()
+    remote = subprocess.run(["dvc", "remote", "default"], cwd=root, capture_output=True, text=True,
+                            env=command_env()).stdout.strip()
+    if not remote:
+        logger.warning("no default DVC remote: outputs stay in the local cache (dvc remote add -d ...)")
+        return "none configured"
+    code, lines = stream(["dvc", "push"], Path(root), logger)
+    if code != 0:
+        raise StageFailed(f"dvc push to remote {remote!r} failed: {error_line(lines)}")
+    return remote
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def record_lock(root: str) -> None:
+    """Log the run's dvc.lock to the MLflow run that registered the model (``dvc checkout`` brings it back)."""
+    from mlflow import MlflowClient
+
+    from tasks.params import load_params
+    from tasks.paths import Paths
+    from tasks.tracking import tracking_uri
+
+    registered = read_report(Path(root), "register")
+    settings = load_params(Path(root) / "params.yaml").register
+    uri = tracking_uri(settings.tracking_uri, Paths(Path(root)))
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.log_artifact(registered["run_id"], str(Path(root) / "dvc.lock"))
+    client.set_tag(registered["run_id"], "dvc_lock_md5", lock_digest(Path(root)))
+
+
+# ---------------------------------------------------------------- the flow
+
+
+@flow(name="bertflow", log_prints=True)
+def pipeline(root: str = ".", params_file: str | None = None, overrides: dict[str, Any] | None = None,
+             lock_wait_seconds: float = 0.0) -> list[dict]:
+    """Run the pipeline on the project at ``root`` (the folder with dvc.yaml and params.yaml)."""
+    project = Path(root).resolve()
+    with pipeline_lock(project, lock_wait_seconds):
+        prepare_params(project, params_file, overrides or {})
+        sync_dvc(str(project))
+        outcomes = []
+        for stage in STAGES:
+            runner = run_stage.with_options(name=stage, retries=RETRIED.get(stage, 0), retry_delay_seconds=15)
+            outcomes.append(runner(stage, str(project)))
+        pushed = push_outputs(str(project))
+        if any(o["stage"] == "register" and o["ran"] for o in outcomes):
+            record_lock(str(project))
+        create_markdown_artifact(key="bertflow-run-summary", markdown=summary_markdown(project, outcomes, pushed),
+                                 description="bertflow pipeline run: stages, figures, registry decision, revisions")
+    return outcomes
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected key=value, e.g. finetune.learning_rate=5e-5")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def serve(root: Path) -> None:
+    """Serve the flow as a deployment on the cron schedule in params.yaml's ``schedule`` section."""
+    from prefect.schedules import Cron
+
+    from tasks.params import load_params
+
+    schedule = load_params(root / "params.yaml").schedule
+    pipeline.serve(name=schedule.deployment, schedule=Cron(schedule.cron, timezone=schedule.timezone),
+                   parameters={"root": str(root), "lock_wait_seconds": schedule.lock_wait_seconds},
+                   global_limit=1, tags=["bertflow"],
+                   description="bertflow: corpus → tokenizer → pretraining → fine-tuning → evaluation → registry")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bertflow-flow", description="the bertflow pipeline as a Prefect flow")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the pipeline once, now")
+    run.add_argument("--root", default=".")
+    run.add_argument("--params", default=None, help="params file to use (copied onto params.yaml)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one param")
+    served = commands.add_parser("serve", help="serve a deployment on params.yaml's schedule (blocks)")
+    served.add_argument("--root", default=".")
+    args = parser.parse_args(argv)
+    root = Path(args.root).resolve()
+    if shutil.which("dvc", path=str(BIN)) is None and shutil.which("dvc") is None:
+        print("bertflow-flow: error: dvc is not installed", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        serve(root)
+        return 0
+    state = pipeline(root=str(root), params_file=args.params, overrides=parse_overrides(args.set),
+                     return_state=True)
+    if not state.is_completed():
+        print(f"bertflow-flow: error: the flow run ended {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

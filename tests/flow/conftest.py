@@ -1,0 +1,71 @@
+"""Scratch projects for the flow tests: a git + DVC repository holding a copy of the code and tiny params."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TINY_TRAINING
+
+BIN = Path(sys.executable).parent
+ENV = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+       "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+
+
+def sh(*args, cwd, check=True, env=None):
+    result = subprocess.run(args, cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def repro(cwd, target: str = "pretrain_data") -> list[str]:
+    out = sh("dvc", "repro", target, cwd=cwd).stdout
+    return re.findall(r"Running stage '(\w+)'", out)
+
+
+def write_docs(folder: Path, name: str, start: int, count: int) -> None:
+    docs = [f"Document {i} is about the number {i}. It has a second sentence here. "
+            f"And a third one about {i} too. The end of document {i} comes now." for i in range(start, start + count)]
+    (folder / name).write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+
+
+def set_param(project: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def project(tmp_path):
+    """dvc.yaml, tasks/ and flows/ copied, a tiny corpus and labeled set, a DVC remote beside it."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root)
+    for package in ("tasks", "flows"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "corpus").mkdir()
+    write_docs(root / "corpus", "a.txt", 0, 30)
+    (root / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"text {i}\t{i % 2}\n" for i in range(50)))
+    params = {
+        "ingest": {"corpus": {"sources": [{"path": "corpus"}], "min_document_chars": 20, "heldout_fraction": 0.3},
+                   "labeled": {"train": "train.tsv"}},
+        "tokenizer": {"vocab_size": 150, "min_frequency": 1},
+        "pretrain_data": {"max_seq_length": 32, "dupe_factor": 1, "num_proc": 1},
+        **TINY_TRAINING,
+        "schedule": {"deployment": "tiny-nightly", "cron": "0 3 * * *", "timezone": "Europe/Berlin"},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text("/mlruns/\n")
+    sh("git", "init", "-q", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    sh("dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=root)
+    sh("bertflow", "sync-dvc", cwd=root)
+    return root

@@ -1,0 +1,249 @@
+"""The Prefect flow with real Prefect, DVC and MLflow: one record with dvc repro, failures, the lock, a schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.flow.conftest import BIN, ENV, repro, set_param, sh
+
+STAGES = ["ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "register"]
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A real Prefect API (the test harness's temporary server and SQLite database) for in-process flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def flow_state(project: Path, **kwargs):
+    from flows.pipeline import pipeline
+
+    return pipeline(root=str(project), return_state=True, **kwargs)
+
+
+def ran(state) -> list[str]:
+    return [o["stage"] for o in state.result() if o["ran"]]
+
+
+def flow_logs(state, *expected: str, seconds: float = 60) -> str:
+    """The flow run's logs as the API has them; Prefect ships logs in batches, so wait for ``expected``."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.time() + seconds
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        text = "\n".join(log.message for log in logs)
+        if all(e in text for e in expected) or time.time() > deadline:
+            return text
+        time.sleep(1)
+
+
+def summary(state) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    (artifact,) = [a for a in artifacts if a.key == "bertflow-run-summary"]
+    return artifact.data
+
+
+def mlflow_client(project: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_flow_and_dvc_repro_keep_one_record(project, prefect_api, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = flow_state(project)
+    assert first.is_completed(), first.message
+    assert ran(first) == STAGES
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout
+    assert repro(project, "register") == []  # after a flow run, dvc repro does nothing
+
+    text = summary(first)
+    assert "| finetune | ran |" in text and "baseline: tfidf_logreg" in text and "models:/tiny/1" in text
+    assert "dvc.lock md5" in text and "git:" in text
+    logs = flow_logs(first, "tokens/s")
+    assert "tokens/s" in logs and "loss" in logs  # training progress reaches the task logs
+
+    registered = json.loads((project / "reports" / "register.json").read_text())
+    client = mlflow_client(project)
+    run = client.get_run(registered["run_id"])
+    assert run.data.tags["prefect_flow_run_id"] == str(first.state_details.flow_run_id)
+    assert run.data.tags["dvc_lock_md5"] and "dvc.lock" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert any((project.parent / "remote").rglob("*")), "outputs were not pushed to the DVC remote"
+    assert "up to date" in sh("dvc", "status", "--cloud", cwd=project).stdout.lower() or \
+        "cache and remote" in sh("dvc", "status", "--cloud", cwd=project).stdout.lower()
+
+    assert ran(flow_state(project)) == []  # unchanged: every stage skipped
+    set_param(project, "finetune", "learning_rate", 0.0005)
+    assert repro(project, "register") == ["finetune", "evaluate", "register"]
+    assert ran(flow_state(project)) == []  # after dvc repro, the flow skips every stage
+    changed = flow_state(project, overrides={"finetune.learning_rate": 0.0002})
+    assert ran(changed) == ["finetune", "evaluate", "register"]
+    assert "learning_rate: 0.0002" in (project / "params.yaml").read_text()
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout
+    assert len(client.search_model_versions("name='tiny'")) == 3
+
+
+def test_failed_stage_fails_the_run_and_the_next_run_resumes_there(project, prefect_api, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert flow_state(project).is_completed()
+
+    # unreadable data: the run fails at ingest with ingest's own message, and retries no bad input
+    (project / "corpus" / "bad.txt").write_bytes(b"caf\xe9 au lait, " * 20)
+    sh("bertflow", "sync-dvc", cwd=project)
+    failed = flow_state(project)
+    assert failed.is_failed()
+    logs = flow_logs(failed, "bertflow ingest: error:", "Finished in state Failed")
+    assert "bertflow ingest: error:" in logs and "not valid UTF-8" in logs
+    assert logs.count("Running stage 'ingest'") == 1  # bad input is not retried
+    assert (project / "artifacts" / "classifier" / "config.json").is_file()  # what was built is kept
+    (project / "corpus" / "bad.txt").unlink()
+    sh("bertflow", "sync-dvc", cwd=project)
+
+    # a registry that does not answer: the stages before register keep their outputs in the cache,
+    # and once it is back the next run runs register alone
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    down = flow_state(project, overrides={"finetune.learning_rate": 0.0003})
+    assert down.is_failed()
+    assert "MLflow registry at http://127.0.0.1:" in flow_logs(down, "MLflow registry at")
+    status = sh("dvc", "status", cwd=project).stdout
+    assert "register:" in status and "finetune:" not in status and "evaluate:" not in status
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    resumed = flow_state(project)
+    assert resumed.is_completed() and ran(resumed) == ["register"]
+
+
+def test_a_second_run_at_once_is_refused(project, prefect_api):
+    from flows.pipeline import pipeline_lock
+
+    with pipeline_lock(project, 0):
+        state = flow_state(project)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="another pipeline run holds the lock"):
+        state.result()
+    assert not (project / "data").exists() and not (project / "dvc.lock").exists()
+
+
+# ---------------------------------------------------------------- a served deployment on a real server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, seconds: float, what: str):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def api_call(code: str, env: dict, *args: str) -> str:
+    result = subprocess.run([str(BIN / "python"), "-c", code, *args], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+RUN_DEPLOYMENT = """
+import json, sys
+from prefect import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.deployments import run_deployment
+run = run_deployment(sys.argv[1], timeout=900)
+with get_client(sync_client=True) as client:
+    logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+print(json.dumps({"state": run.state.type.value, "logs": "\\n".join(l.message for l in logs)}))
+"""
+HEALTH = """
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1] + "/health", timeout=5).read().decode())
+"""
+DEPLOYMENT = """
+import sys
+from prefect import get_client
+with get_client(sync_client=True) as client:
+    d = client.read_deployment_by_name(sys.argv[1])
+    print([s.schedule.cron + " " + s.schedule.timezone for s in d.schedules])
+"""
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_served_deployment_runs_through_the_api(project, tmp_path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**ENV, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_DATABASE_TIMEOUT": "60"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    served = None
+    try:
+        def healthy():
+            try:
+                return api_call(HEALTH, env, api) == "true"
+            except AssertionError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                return False
+        wait_for(healthy, 180, "the Prefect server")
+        served = subprocess.Popen([str(BIN / "bertflow-flow"), "serve", "--root", str(project)], cwd=project, env=env,
+                                  stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+
+        def deployed():
+            assert served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                return api_call(DEPLOYMENT, env, "bertflow/tiny-nightly")
+            except AssertionError:
+                return False
+        assert wait_for(deployed, 180, "the deployment") == "['0 3 * * * Europe/Berlin']"
+
+        first = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly"))
+        assert first["state"] == "COMPLETED", first["logs"][-3000:]
+        assert json.loads((project / "reports" / "register.json").read_text())["version"] == "1"
+        lock = (project / "dvc.lock").read_text()
+
+        second = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly"))
+        assert second["state"] == "COMPLETED", second["logs"][-3000:]
+        assert all(f"stage {stage} skipped" in second["logs"] for stage in STAGES)
+        assert len(mlflow_client(project).search_model_versions("name='tiny'")) == 1
+        assert (project / "dvc.lock").read_text() == lock
+    finally:
+        for process in (served, server):
+            if process is not None:
+                stop(process)
+    shutil.rmtree(tmp_path / "prefect_home", ignore_errors=True)
