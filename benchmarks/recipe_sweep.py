@@ -144,12 +144,13 @@ def finetune(trial: dict, params: dict, root: Path, init: Path, device, random_i
     import torch.nn.functional as F
 
     from tasks import training as tr
-    from tasks.finetune import classification_metrics, encode, epoch_order, read_split
+    from tasks.finetune import classification_metrics, encode, read_split
     from tasks.io import read_json
     from tasks.model import load_classifier
     from tasks.params import FinetuneParams
     from tasks.paths import Paths
     from tasks.tokenizer import load_tokenizer
+    from tasks.training import epoch_order
 
     f = FinetuneParams(**section(params, trial, "finetune"))
     paths = Paths(root)

@@ -110,23 +110,6 @@ class FinetuneState:
     history: list = field(default_factory=list)
 
 
-def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, pool: int = 50) -> list[int]:
-    """A shuffled order whose consecutive ``batch_size`` groups have similar lengths (little padding).
-
-    Rows are shuffled, cut into pools of ``pool`` batches, sorted by length inside each pool, cut into
-    batches, and the batches shuffled; the ragged tail is dropped so every batch is full.
-    """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    span = batch_size * pool
-    batches = []
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start:start + span], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
-    shuffled = torch.randperm(len(batches), generator=generator).tolist()
-    return [i for b in shuffled for i in batches[b]]
-
-
 def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams, pad_id: int,
                      store: tr.CheckpointStore, curve: tr.MetricsLog, bf16: bool, saved: dict | None) -> dict:
     """Epochs with dev evaluation and early stopping; the best epoch's weights end up in ``model``."""
@@ -142,7 +125,7 @@ def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams
         state, best = FinetuneState(**saved["loop"]), saved["best"]
     model.train()
     while state.epoch < params.epochs and state.epochs_without_gain < params.early_stopping_patience:
-        order = epoch_order([len(ids) for ids in train.input_ids], params.batch_size, params.seed, state.epoch)
+        order = tr.epoch_order([len(ids) for ids in train.input_ids], params.batch_size, params.seed, state.epoch)
         while state.cursor + params.batch_size <= len(order):
             started = time.perf_counter()
             lr = tr.set_lr(optimizer, params.learning_rate,

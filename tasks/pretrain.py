@@ -13,9 +13,11 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
@@ -55,9 +57,13 @@ class PretrainBatches:
     def __len__(self) -> int:
         return self.table.num_rows
 
-    def order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self), generator=generator).tolist()
+    def order(self, epoch: int, batch_size: int) -> list[int]:
+        """This epoch's order: shuffled, consecutive ``batch_size`` groups of similar length (little padding)."""
+        return tr.epoch_order(self.lengths, batch_size, self.seed, epoch)
+
+    @cached_property
+    def lengths(self) -> list[int]:
+        return pc.list_value_length(self.table.column("input_ids")).to_pylist()
 
     def batch(self, indices: list[int], mask_seed: str) -> dict[str, torch.Tensor]:
         rows = self.table.take(indices).to_pylist()
@@ -130,7 +136,7 @@ class LoopState:
 def next_indices(state: LoopState, batches: PretrainBatches, size: int, order_cache: dict) -> list[int]:
     if state.epoch not in order_cache:
         order_cache.clear()
-        order_cache[state.epoch] = batches.order(state.epoch)
+        order_cache[state.epoch] = batches.order(state.epoch, size)
     order = order_cache[state.epoch]
     if state.cursor + size > len(order):  # drop the ragged tail: every batch has the same size
         state.epoch, state.cursor = state.epoch + 1, 0

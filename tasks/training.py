@@ -89,6 +89,26 @@ def set_lr(optimizer: torch.optim.Optimizer, peak: float, factor: float) -> floa
     return peak * factor
 
 
+# ---------------------------------------------------------------- batch order
+
+
+def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, pool: int = 50) -> list[int]:
+    """A shuffled order whose consecutive ``batch_size`` groups have similar lengths (little padding).
+
+    Rows are shuffled, cut into pools of ``pool`` batches, sorted by length inside each pool, cut into
+    batches, and the batches shuffled; the ragged tail is dropped so every batch is full.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    span = batch_size * pool
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [i for b in shuffled for i in batches[b]]
+
+
 # ---------------------------------------------------------------- RNG state
 
 

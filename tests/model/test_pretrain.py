@@ -93,3 +93,25 @@ def test_vocabulary_mismatch_is_an_error(tiny_run, tiny, tmp_path):
     shutil.copytree(other / "artifacts" / "tokenizer", root / "artifacts" / "tokenizer")
     with pytest.raises(InputError, match=r"built with a tokenizer of 2000 tokens, but .* has \d+; re-run"):
         run_stage("pretrain", REPO / "params.tiny.yaml", root)
+
+
+def test_pretraining_batches_are_built_by_length(tiny_run):
+    """Consecutive batch_size groups of the epoch order have similar lengths: less padding than a shuffle."""
+    import random
+
+    from tasks.pretrain import PretrainBatches, read_shards
+
+    batches = PretrainBatches(read_shards(tiny_run / "data" / "pretrain" / "train"), 0, None, seed=3)
+    lengths, size = batches.lengths, 8
+
+    def padding(order):
+        groups = [order[i:i + size] for i in range(0, len(order) - size + 1, size)]
+        cells = sum(max(lengths[i] for i in g) * size for g in groups)
+        return 1 - sum(lengths[i] for g in groups for i in g) / cells
+
+    order = batches.order(0, size)
+    assert len(set(order)) == len(order) and len(order) >= len(lengths) - size * (len(lengths) // (size * 50) + 1)
+    shuffled = list(range(len(lengths)))
+    random.Random(0).shuffle(shuffled)
+    assert padding(order) < 0.5 * padding(shuffled)
+    assert order == batches.order(0, size) and order != batches.order(1, size)

@@ -129,7 +129,7 @@ def test_class_weights_are_inverse_frequency():
 
 
 def test_epoch_order_groups_similar_lengths_and_covers_full_batches():
-    from tasks.finetune import epoch_order
+    from tasks.training import epoch_order
 
     lengths = [random.Random(i).randint(3, 60) for i in range(1000)]
     order = epoch_order(lengths, batch_size=10, seed=1, epoch=0, pool=5)
