@@ -35,7 +35,6 @@ for _key, _value in PREFECT_DEFAULTS.items():
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import fcntl  # noqa: E402
-import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -46,6 +45,10 @@ from typing import Any  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from tasks import tracking  # noqa: E402
+from tasks.paths import Paths  # noqa: E402
+from tasks.tracking import prefect_flow_run_id  # noqa: E402
 
 STAGES = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "register")
 # I/O-bound stages are retried (remote sources may hiccup), training never, and bad input never: it
@@ -73,18 +76,10 @@ class BadInput(StageFailed):
 def command_env() -> dict[str, str]:
     """The environment of the stage commands: this interpreter's scripts first on PATH."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    flow_run = _flow_run_id()
+    flow_run = prefect_flow_run_id()
     if flow_run:
         env["PREFECT__FLOW_RUN_ID"] = flow_run  # register tags the MLflow run with it
     return env
-
-
-def _flow_run_id() -> str | None:
-    try:
-        from prefect.runtime import flow_run
-        return flow_run.get_id()
-    except Exception:  # noqa: BLE001 - outside a flow run
-        return None
 
 
 def stream(args: list[str], root: Path, logger) -> tuple[int, list[str]]:
@@ -130,7 +125,7 @@ def pipeline_lock(root: Path, wait_seconds: float):
             time.sleep(1.0)
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()}, flow run {_flow_run_id()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+    handle.write(f"pid {os.getpid()}, flow run {prefect_flow_run_id()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
     handle.flush()
     try:
         yield
@@ -173,19 +168,14 @@ def prepare_params(root: Path, params_file: str | None, overrides: dict[str, Any
 
 
 def read_report(root: Path, name: str) -> dict:
-    path = root / "reports" / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return tracking.read_report(Paths(root), name)
 
 
 def git_revision(root: Path) -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return commit + (" (uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
+    state = tracking.git_state(root)
+    if state["git_commit"] == "unknown":
         return "not a git checkout"
+    return state["git_commit"][:7] + (" (uncommitted changes)" if state["git_dirty"] == "true" else "")
 
 
 def lock_digest(root: Path) -> str:
@@ -276,12 +266,9 @@ def record_lock(root: str) -> None:
     from mlflow import MlflowClient
 
     from tasks.params import load_params
-    from tasks.paths import Paths
-    from tasks.tracking import tracking_uri
-
     registered = read_report(Path(root), "register")
     settings = load_params(Path(root) / "params.yaml").register
-    uri = tracking_uri(settings.tracking_uri, Paths(Path(root)))
+    uri = tracking.tracking_uri(settings.tracking_uri, Paths(Path(root)))
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.log_artifact(registered["run_id"], str(Path(root) / "dvc.lock"))
     client.set_tag(registered["run_id"], "dvc_lock_md5", lock_digest(Path(root)))

@@ -231,7 +231,7 @@ def publish(client, settings: RegisterParams, params: Params, paths: Paths, figu
         version = mlflow.register_model(model_uri, settings.model_name, tags=version_tags(
             figures, new, champion, settings.metric, decision, reason, lineage, run_id)).version
         version = str(version)
-        reports = {stage: _report(paths, stage) for stage in tracking.STAGE_ORDER}
+        reports = {stage: tracking.read_report(paths, stage) for stage in tracking.STAGE_ORDER}
         card = model_card(settings.model_name, version, params.model_dump(mode="json"), reports,
                           {**lineage, "mlflow_run_id": run_id}, decision, reason)
         client.update_model_version(settings.model_name, version, description=card)
@@ -264,11 +264,6 @@ def version_tags(figures: dict, new: Standing, champion: Standing | None, metric
                  "gate.champion_version": "" if champion is None else champion.version,
                  "mlflow_run_id": run_id, "git_commit": lineage.get("git_commit", "unknown")})
     return tags
-
-
-def _report(paths: Paths, stage: str) -> dict:
-    path = paths.report(stage)
-    return read_json(path) if path.is_file() else {}
 
 
 # ---------------------------------------------------------------- the stage

@@ -153,10 +153,10 @@ def log_pipeline_run(client, experiment_id: str, params: dict, paths: Paths, tag
     now = int(time.time() * 1000)
     flat = flatten(params)
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
-    evaluation = _report(paths, "evaluate")
+    evaluation = read_report(paths, "evaluate")
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in numeric(evaluation).items()])
     for stage in STAGE_ORDER:
-        report = _report(paths, stage)
+        report = read_report(paths, stage)
         child = client.create_run(experiment_id, run_name=stage,
                                   tags={MLFLOW_PARENT_RUN_ID: run_id, MLFLOW_RUN_NAME: stage, "stage": stage})
         stage_params = flatten(params.get(stage, {}))
@@ -195,6 +195,7 @@ def log_report_artifacts(client, run_id: str, paths: Paths, model_card: str) -> 
     client.log_text(run_id, model_card, "model_card.md")
 
 
-def _report(paths: Paths, stage: str) -> dict:
+def read_report(paths: Paths, stage: str) -> dict:
+    """``reports/<stage>.json``, or {} when the stage has not written it."""
     path = paths.report(stage)
     return json.loads(path.read_text()) if path.is_file() else {}
