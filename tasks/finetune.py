@@ -113,7 +113,7 @@ class FinetuneState:
 def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams, pad_id: int,
                      store: tr.CheckpointStore, curve: tr.MetricsLog, bf16: bool, saved: dict | None) -> dict:
     """Epochs with dev evaluation and early stopping; the best epoch's weights end up in ``model``."""
-    optimizer = torch.optim.AdamW(tr.parameter_groups(model, params.weight_decay), lr=params.learning_rate)
+    optimizer = tr.adamw(model, params.learning_rate, params.weight_decay)
     steps_per_epoch = len(train.labels) // params.batch_size
     budget = tr.Budget(max_steps=steps_per_epoch * params.epochs)
     weights = class_weights(train.labels, model.config.num_labels) if params.class_weights else None
@@ -197,6 +197,7 @@ def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], 
     torch.manual_seed(params.seed)
     model = load_classifier(source, labels, params.classifier_dropout, random_init=random_init,
                             encoder_dropout=params.encoder_dropout)
+    model.set_attn_implementation(params.attention)  # a run-time choice: the saved config keeps the default
     check_vocab(model.config, len(tokenizer), str(source))
     check_positions(model.config, params.max_seq_length, "finetune.max_seq_length")
     train = encode(tokenizer, *read_split(paths, "train"), params.max_seq_length)

@@ -36,9 +36,12 @@ def check_positions(config: BertConfig, max_seq_length: int, where: str) -> None
                          f"max_position_embeddings={config.max_position_embeddings}")
 
 
-def construct_pretraining_model(config: BertConfig, seed: int) -> BertForPreTraining:
+def construct_pretraining_model(config: BertConfig, seed: int, attention: str = "sdpa") -> BertForPreTraining:
+    """Random weights from ``seed``; ``attention`` ("eager" or "sdpa") is a run-time choice, not saved."""
     torch.manual_seed(seed)
-    return BertForPreTraining(config)
+    model = BertForPreTraining(config)
+    model.set_attn_implementation(attention)
+    return model
 
 
 def load_classifier(path: Path, labels: list[str] | None = None, dropout: float | None = None,
@@ -84,23 +87,39 @@ class PretrainingOutput:
     nsp_count: int
 
 
-def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) -> PretrainingOutput:
+def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the masked positions (in fp32) and how many the argmax gets right."""
+    return F.cross_entropy(logits.float(), targets), (logits.argmax(-1) == targets).sum()
+
+
+def compiled_masked_lm_loss():
+    """``masked_lm_loss`` through ``torch.compile``: one fused pass over the (masked × vocabulary) logits.
+
+    Eager PyTorch makes about ten passes (cast, log-softmax, its backward, argmax); with a
+    30522-word vocabulary those passes cost more than the decoder's matmul on two CPU cores.
+    Needs a C++ compiler at run time (inductor); ``pretrain.compile_loss: false`` turns it off.
+    """
+    return torch.compile(masked_lm_loss, dynamic=True)
+
+
+def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor],
+                     mlm_loss=masked_lm_loss) -> PretrainingOutput:
     """MLM cross-entropy (on the masked positions only) + NSP cross-entropy.
 
     Same value as ``BertForPreTraining``'s own loss, without projecting the unmasked positions
-    onto the vocabulary: that projection is most of a small model's compute.
+    onto the vocabulary: that projection is most of a small model's compute. ``mlm_loss`` is
+    ``masked_lm_loss`` or its compiled form.
     """
     hidden, pooled = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 token_type_ids=batch["token_type_ids"], return_dict=False)[:2]
     labels = batch["labels"]
     selected = labels != -100
-    mlm_logits = model.cls.predictions(hidden[selected])
     targets = labels[selected]
+    mlm, mlm_correct = mlm_loss(model.cls.predictions(hidden[selected]), targets)
     nsp_logits = model.cls.seq_relationship(pooled)
-    mlm_loss = F.cross_entropy(mlm_logits.float(), targets)
     nsp_loss = F.cross_entropy(nsp_logits.float(), batch["next_sentence_label"])
     return PretrainingOutput(
-        loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss, nsp_loss=nsp_loss,
-        mlm_correct=int((mlm_logits.argmax(-1) == targets).sum()), mlm_count=int(targets.numel()),
+        loss=mlm + nsp_loss, mlm_loss=mlm, nsp_loss=nsp_loss,
+        mlm_correct=int(mlm_correct), mlm_count=int(targets.numel()),
         nsp_correct=int((nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum()),
         nsp_count=int(nsp_logits.shape[0]))

@@ -152,6 +152,9 @@ class PretrainParams(BudgetFields):
     warmup_fraction: float = Field(0.06, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     bf16: Bf16 = Field("auto", description="bf16 autocast: true, false, or auto (when the CPU has bf16)")
+    attention: Literal["eager", "sdpa"] = Field(
+        "eager", description="attention kernel while pretraining (eager beats CPU SDPA at these lengths)")
+    compile_loss: bool = Field(True, description="torch.compile the masked-LM loss (needs a C++ compiler)")
     eval_every: int = Field(500, ge=1)
     eval_instances: int | None = Field(2000, ge=1)
     log_every: int = Field(50, ge=1)
@@ -178,6 +181,7 @@ class FinetuneParams(Section):
     encoder_dropout: float | None = Field(None, ge=0, lt=1, description="null: keep the starting model's rates")
     max_grad_norm: float = Field(1.0, gt=0)
     bf16: Bf16 = "auto"
+    attention: Literal["eager", "sdpa"] = Field("eager", description="attention kernel while fine-tuning")
     checkpoint_every_steps: int | None = Field(None, ge=1)
     checkpoint_every_minutes: float | None = Field(5.0, gt=0)
     keep_checkpoints: int = Field(2, ge=1)

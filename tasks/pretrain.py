@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,7 +24,14 @@ from tqdm import tqdm
 
 from tasks import training as tr
 from tasks.io import InputError, atomic_dirs, read_json
-from tasks.model import check_positions, construct_config, construct_pretraining_model, pretraining_loss
+from tasks.model import (
+    check_positions,
+    compiled_masked_lm_loss,
+    construct_config,
+    construct_pretraining_model,
+    masked_lm_loss,
+    pretraining_loss,
+)
 from tasks.params import PretrainDataParams, PretrainParams
 from tasks.paths import Paths
 from tasks.pretrain_data import MaskingSpec, mask_tokens, masking_spec
@@ -125,6 +133,18 @@ def evaluate_pretraining(model, batches: PretrainBatches, limit: int | None, bat
 
 
 @dataclass
+class StepSettings:
+    """How a training step computes: bf16 autocast or not, and the masked-LM loss function."""
+
+    bf16: bool
+    mlm_loss: Callable = masked_lm_loss
+
+    @classmethod
+    def from_params(cls, params: PretrainParams) -> StepSettings:
+        return cls(tr.use_bf16(params.bf16), compiled_masked_lm_loss() if params.compile_loss else masked_lm_loss)
+
+
+@dataclass
 class LoopState:
     step: int = 0
     epoch: int = 0
@@ -147,7 +167,8 @@ def next_indices(state: LoopState, batches: PretrainBatches, size: int, order_ca
 
 
 def train(model, optimizer, train_batches: PretrainBatches, eval_batches: PretrainBatches, params: PretrainParams,
-          store: tr.CheckpointStore, state: LoopState, logs: tuple[tr.MetricsLog, tr.MetricsLog], bf16: bool) -> dict:
+          store: tr.CheckpointStore, state: LoopState, logs: tuple[tr.MetricsLog, tr.MetricsLog],
+          settings: StepSettings) -> dict:
     """Run optimizer steps until the budget is spent; returns the last held-out evaluation."""
     budget = tr.Budget(params.max_steps, params.budget_minutes)
     train_log, eval_log = logs
@@ -160,7 +181,7 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
         started = time.perf_counter()
         lr = tr.set_lr(optimizer, params.learning_rate,
                        tr.lr_factor(budget.progress(state.step, state.seconds), params.warmup_fraction))
-        losses, tokens = accumulate(model, train_batches, params, state, order_cache, bf16)
+        losses, tokens = accumulate(model, train_batches, params, state, order_cache, settings)
         torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -177,24 +198,25 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
             log.info("step %d loss %.4f (mlm %.4f, nsp %.4f) lr %.2e %.0f tokens/s", state.step, *losses, lr,
                      tokens / elapsed)
         if state.step % params.eval_every == 0:
-            last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, bf16)
+            last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, settings.bf16)
         if store.due(state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes):
             store.save(state.step, checkpoint_state(model, optimizer, state))
     bar.close()
     if not last_eval or last_eval.get("step") != state.step:
-        last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, bf16)
+        last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, settings.bf16)
     return last_eval
 
 
-def accumulate(model, batches, params, state, order_cache, bf16) -> tuple[tuple[float, float, float], int]:
+def accumulate(model, batches, params, state, order_cache, settings: StepSettings
+               ) -> tuple[tuple[float, float, float], int]:
     """Forward/backward over ``gradient_accumulation_steps`` micro-batches; returns mean losses, tokens."""
     totals = [0.0, 0.0, 0.0]
     tokens = 0
     for micro in range(params.gradient_accumulation_steps):
         indices = next_indices(state, batches, params.batch_size, order_cache)
         batch = batches.batch(indices, mask_seed=f"{params.seed}/{state.step}/{micro}")
-        with tr.autocast(bf16):
-            out = pretraining_loss(model, batch)
+        with tr.autocast(settings.bf16):
+            out = pretraining_loss(model, batch, settings.mlm_loss)
         (out.loss / params.gradient_accumulation_steps).backward()
         for i, value in enumerate((out.loss, out.mlm_loss, out.nsp_loss)):
             totals[i] += value.item() / params.gradient_accumulation_steps
@@ -239,23 +261,24 @@ def run(params: PretrainParams, paths: Paths) -> dict:
     train_batches, eval_batches, info = load_data(paths, tokenizer, params)
     config = construct_config(params.model, len(tokenizer), tokenizer.pad_token_id)
     check_positions(config, info["params"]["max_seq_length"], "pretrain.model.max_position_embeddings")
-    model = construct_pretraining_model(config, params.seed)
-    optimizer = torch.optim.AdamW(tr.parameter_groups(model, params.weight_decay), lr=params.learning_rate,
-                                  betas=tuple(params.adam_betas), eps=params.adam_epsilon)
+    model = construct_pretraining_model(config, params.seed, params.attention)
+    optimizer = tr.adamw(model, params.learning_rate, params.weight_decay, betas=tuple(params.adam_betas),
+                         eps=params.adam_epsilon)
     fingerprint = run_fingerprint(params, config, info)
     store = tr.CheckpointStore(paths.pretrain_checkpoints, fingerprint, params.keep_checkpoints)
     state, resumed_from = resume(store, model, optimizer)
     logs = (tr.MetricsLog(paths.reports / "pretrain" / "train.csv", TRAIN_FIELDS, resumed_from),
             tr.MetricsLog(paths.reports / "pretrain" / "eval.csv", EVAL_FIELDS, resumed_from))
-    bf16 = tr.use_bf16(params.bf16)
-    final_eval = train(model, optimizer, train_batches, eval_batches, params, store, state, logs, bf16)
+    settings = StepSettings.from_params(params)
+    final_eval = train(model, optimizer, train_batches, eval_batches, params, store, state, logs, settings)
     with atomic_dirs([paths.pretrained]) as (folder,):
         model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
     store.mark_complete()
     return {"steps": state.step, "epochs": round(state.epoch + state.cursor / len(train_batches), 3),
             "tokens": state.tokens, "seconds": round(state.seconds, 1),
-            "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9)), "bf16": bf16, "threads": threads,
+            "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9)), "bf16": settings.bf16,
+            "threads": threads,
             "parameters": sum(p.numel() for p in model.parameters()), "resumed_from_step": resumed_from or 0,
             "heldout": final_eval}
 

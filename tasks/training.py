@@ -59,6 +59,12 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float, **options) -> torch.optim.AdamW:
+    """AdamW over ``parameter_groups``, fused (one kernel over all parameters; about 5 % of a
+    BERT-Mini pretraining step on two CPU cores, benchmarks/pretraining.py)."""
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=learning_rate, fused=True, **options)
+
+
 def lr_factor(progress: float, warmup_fraction: float) -> float:
     """Linear warm-up to 1 over ``warmup_fraction`` of the run, then linear decay to 0 at its end."""
     if progress < warmup_fraction:
