@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run serve test lint bench-data
+.PHONY: setup run serve test lint bench bench-data
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	ruff check tasks flows tests benchmarks
+
+# All performance benchmarks (data stages, pretraining, classifier) and the README's table; ~15 min.
+bench: $(STAMP)
+	python benchmarks/run.py
 
 bench-data: $(STAMP)
 	python benchmarks/data_stages.py

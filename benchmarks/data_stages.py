@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine, machine_line, write_results  # noqa: E402
 
 
 def timed_stage(stage: str, params: Path, root: Path, overrides: list[str] = ()) -> dict:
@@ -47,9 +48,8 @@ def markdown(result: dict) -> str:
     rows = ["| stage | wall s | peak RSS MB | throughput |", "|---|---|---|---|"]
     for name, stage in result["stages"].items():
         rows.append(f"| {name} | {stage['wall_seconds']} | {stage['peak_rss_mb']} | {stage['throughput']} |")
-    machine = result["machine"]
-    return (f"Data stages on {result['corpus_mb']:.1f} M characters ({machine['cpus']} CPUs, "
-            f"{machine['processor']}, Python {machine['python']}), {result['date']}\n\n" + "\n".join(rows) + "\n")
+    return (f"# Data stages on {result['corpus_mb']:.1f} M characters ({machine_line(result['machine'])})\n\n"
+            + "\n".join(rows) + "\n")
 
 
 def main() -> None:
@@ -72,17 +72,12 @@ def main() -> None:
         stages[f"pretrain_data (num_proc={n})"] = {
             **run, "throughput": f"{run['report']['mb_per_second']} MB/s, {instances / run['wall_seconds']:.0f} inst/s"}
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "params": str(params.relative_to(REPO) if params.is_relative_to(REPO) else params),
         "corpus_mb": mb,
         "stages": stages,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "data_stages.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "data_stages.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results("data_stages", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Pretraining throughput: bertflow's pretrain step against the reference loop, with the machine's matmul peak.
 
 Reference: transformers' ``BertForPreTraining`` with its own loss (MLM logits over the full
-vocabulary at every position), fp32, a plain PyTorch loop over shuffled batches (dynamic padding).
-bertflow: ``tasks.pretrain``'s step — MLM head at the masked positions only, bf16 autocast where the
-CPU has it, batches built by length. Same model config, same optimizer (AdamW), same examples
-(the default profile's ``data/pretrain`` shards with its dynamic masking), same batch size, one
-process, the two sides interleaved in rounds so machine noise hits both alike.
+vocabulary at every position), stock attention (SDPA), fp32, plain AdamW, a plain PyTorch loop
+over shuffled batches (dynamic padding). bertflow: ``tasks.pretrain``'s step as the default profile
+runs it — MLM head at the masked positions only, the compiled masked-LM loss, eager attention,
+bf16 autocast where the CPU has it, fused AdamW, gradient clipping, batches built by length. Same
+model config, same examples (the default profile's ``data/pretrain`` shards with its dynamic
+masking), same batch size, one process; the sides run interleaved step by step (every other round
+in reverse order) so machine noise hits them alike. For BERT-Mini/30522 the same rounds also run
+bertflow's step with one technique taken away at a time (the ablation: what each one buys), and
+four bertflow steps are profiled (top ops).
 
 Figures: non-padding tokens/s and sequences/s in steady state (after warm-up steps), and model FLOPs
 utilisation against the measured bf16 and fp32 matmul peaks. Model FLOPs per token (the same
@@ -17,17 +21,17 @@ With vocabulary 30522 the token ids are the project's (all below 16384): the com
 Reads: ``data/pretrain`` and ``artifacts/tokenizer`` (run ``make run`` or ``dvc repro pretrain_data``).
 Writes: ``benchmarks/results/pretraining.{json,md}``.
 
-    python benchmarks/pretraining.py [--steps 6] [--warmup 2] [--rounds 2] [--batch-size 32]
+    python benchmarks/pretraining.py [--rounds 12] [--steps 1] [--warmup 2] [--batch-size 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,12 +39,59 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import machine, machine_line, write_results  # noqa: E402
 from tasks import training as tr  # noqa: E402
-from tasks.model import pretraining_loss  # noqa: E402
+from tasks.model import (  # noqa: E402
+    compiled_masked_lm_loss,
+    construct_pretraining_model,
+    masked_lm_loss,
+    pretraining_loss,
+)
+from tasks.params import PretrainParams, load_params  # noqa: E402
 from tasks.paths import Paths  # noqa: E402
 
 CONFIGS = {"BERT-Tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
            "BERT-Mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)}
+ABLATED = ("BERT-Mini", 30522)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one side computes a step."""
+
+    sparse_head: bool  # MLM head at the masked positions only (else BertForPreTraining's own loss)
+    compile_loss: bool
+    attention: str
+    bf16: bool
+    fused_adamw: bool
+    length_batches: bool
+    clip: bool
+
+
+REFERENCE = Recipe(sparse_head=False, compile_loss=False, attention="sdpa", bf16=False, fused_adamw=False,
+                   length_batches=False, clip=False)
+
+
+def profile() -> PretrainParams:
+    """The default profile's pretrain section (params.yaml)."""
+    return load_params(REPO / "params.yaml").pretrain
+
+
+def bertflow_recipe() -> Recipe:
+    """The pretrain stage as the default profile runs it, bf16 where the CPU has it."""
+    params = profile()
+    return Recipe(sparse_head=True, compile_loss=params.compile_loss, attention=params.attention,
+                  bf16=tr.use_bf16(params.bf16), fused_adamw=True, length_batches=True, clip=True)
+
+
+def ablations(bertflow: Recipe) -> dict[str, Recipe]:
+    """bertflow's step with one technique taken away at a time."""
+    return {"bertflow without the compiled loss": replace(bertflow, compile_loss=False),
+            "bertflow with SDPA attention": replace(bertflow, attention="sdpa"),
+            "bertflow without fused AdamW": replace(bertflow, fused_adamw=False),
+            "bertflow without bf16": replace(bertflow, bf16=False),
+            "bertflow without length batching": replace(bertflow, length_batches=False),
+            "bertflow without the sparse MLM head": replace(bertflow, sparse_head=False, compile_loss=False)}
 
 
 def matmul_peak(dtype: torch.dtype) -> float:
@@ -58,22 +109,34 @@ def matmul_peak(dtype: torch.dtype) -> float:
     return best
 
 
-def build_model(name: str, vocab: int, seed: int):
-    from transformers import BertConfig, BertForPreTraining
+def build_model(name: str, vocab: int, attention: str, seed: int = 0):
+    from transformers import BertConfig
 
-    torch.manual_seed(seed)
     config = BertConfig(vocab_size=vocab, max_position_embeddings=128, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0, **CONFIGS[name])
-    return BertForPreTraining(config)
+    return construct_pretraining_model(config, seed, attention)
+
+
+def build_optimizer(model, recipe: Recipe):
+    if recipe.fused_adamw:
+        return tr.adamw(model, 1e-4, 0.01)
+    return torch.optim.AdamW(tr.parameter_groups(model, 0.01), lr=1e-4)
 
 
 class Side:
-    """One side of the comparison: a model, an optimizer, a batch order and a step function."""
+    """One side of the comparison: a recipe, its model and optimizer, a batch order, the figures so far."""
 
-    def __init__(self, name, model, order, batches, batch_size, fast: bool, bf16: bool):
-        self.name, self.model, self.fast, self.bf16 = name, model, fast, bf16
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        self.order, self.batches, self.batch_size, self.cursor = order, batches, batch_size, 0
+    def __init__(self, name: str, recipe: Recipe, config: str, vocab: int, batches, batch_size: int):
+        self.name, self.recipe = name, recipe
+        self.model = build_model(config, vocab, recipe.attention)
+        self.optimizer = build_optimizer(self.model, recipe)
+        self.mlm_loss = compiled_masked_lm_loss() if recipe.compile_loss else masked_lm_loss
+        if recipe.length_batches:
+            self.order = batches.order(0, batch_size)
+        else:
+            self.order = list(range(len(batches)))
+            random.Random(0).shuffle(self.order)
+        self.batches, self.batch_size, self.cursor = batches, batch_size, 0
         self.tokens = self.sequences = self.padded = self.masked = 0
         self.seconds = 0.0
 
@@ -84,17 +147,22 @@ class Side:
         self.cursor += self.batch_size
         return self.batches.batch(indices, mask_seed=f"bench/{indices[0]}")
 
+    def compute(self, batch: dict) -> None:
+        with tr.autocast(self.recipe.bf16):
+            if self.recipe.sparse_head:
+                loss = pretraining_loss(self.model, batch, self.mlm_loss).loss
+            else:
+                loss = self.model(**batch).loss
+        loss.backward()
+        if self.recipe.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def step(self, measure: bool) -> None:
         batch = self.next_batch()
         started = time.perf_counter()
-        if self.fast:
-            with tr.autocast(self.bf16):
-                loss = pretraining_loss(self.model, batch).loss
-        else:
-            loss = self.model(**batch).loss
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.compute(batch)
         elapsed = time.perf_counter() - started
         if measure:
             self.seconds += elapsed
@@ -102,6 +170,17 @@ class Side:
             self.padded += batch["input_ids"].numel()
             self.masked += int((batch["labels"] != -100).sum())
             self.sequences += batch["input_ids"].shape[0]
+
+    def figures(self, peaks: dict) -> dict:
+        mean_length = self.padded / self.sequences
+        flops = model_flops_per_token(self.model, mean_length, self.masked / self.tokens) * self.tokens
+        gflops = flops / self.seconds / 1e9
+        return {"tokens_per_second": round(self.tokens / self.seconds),
+                "sequences_per_second": round(self.sequences / self.seconds, 2),
+                "padding_fraction": round(1 - self.tokens / self.padded, 3),
+                "model_gflops_per_second": round(gflops, 1),
+                "mfu_vs_bf16_peak": round(gflops / peaks["bf16"], 3),
+                "mfu_vs_fp32_peak": round(gflops / peaks["fp32"], 3)}
 
 
 def model_flops_per_token(model, mean_length: float, masked_fraction: float) -> float:
@@ -114,81 +193,114 @@ def model_flops_per_token(model, mean_length: float, masked_fraction: float) -> 
 
 
 def measure(name: str, vocab: int, batches, args, peaks: dict) -> dict:
-    shuffled = list(range(len(batches)))
-    random.Random(0).shuffle(shuffled)
-    bucketed = batches.order(0, args.batch_size)
-    bf16 = tr.cpu_supports_bf16()
-    sides = [Side("reference", build_model(name, vocab, 0), shuffled, batches, args.batch_size, False, False),
-             Side("bertflow", build_model(name, vocab, 0), bucketed, batches, args.batch_size, True, bf16)]
+    bertflow = bertflow_recipe()
+    recipes = {"reference": REFERENCE, "bertflow": bertflow}
+    if (name, vocab) == ABLATED and not args.no_ablation:
+        recipes.update(ablations(bertflow))
+    sides = [Side(side, recipe, name, vocab, batches, args.batch_size) for side, recipe in recipes.items()]
     for side in sides:
         for _ in range(args.warmup):
             side.step(measure=False)
-    for _ in range(args.rounds):  # interleaved: reference, bertflow, reference, bertflow, ...
-        for side in sides:
+    for round_ in range(args.rounds):  # interleaved, every other round in reverse: no side always goes first
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
             for _ in range(args.steps):
                 side.step(measure=True)
-    row = {"config": name, "vocab_size": vocab, "batch_size": args.batch_size, "bf16": bf16}
-    for side in sides:
-        mean_length = side.padded / side.sequences
-        flops = model_flops_per_token(side.model, mean_length, side.masked / side.tokens) * side.tokens
-        row[side.name] = {
-            "tokens_per_second": round(side.tokens / side.seconds),
-            "sequences_per_second": round(side.sequences / side.seconds, 2),
-            "padding_fraction": round(1 - side.tokens / side.padded, 3),
-            "model_gflops_per_second": round(flops / side.seconds / 1e9, 1),
-            "mfu_vs_bf16_peak": round(flops / side.seconds / 1e9 / peaks["bf16"], 3),
-            "mfu_vs_fp32_peak": round(flops / side.seconds / 1e9 / peaks["fp32"], 3),
-        }
+    row = {"config": name, "vocab_size": vocab, "batch_size": args.batch_size, "bf16": bertflow.bf16,
+           **{side.name: side.figures(peaks) for side in sides}}
     row["speedup"] = round(row["bertflow"]["tokens_per_second"] / row["reference"]["tokens_per_second"], 2)
-    print(json.dumps(row), flush=True)
+    if (name, vocab) == ABLATED:
+        row["profile"] = profile_step(sides[1], args.profile_ops)
+    print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
     return row
 
 
+def profile_step(side: Side, top: int, steps: int = 4) -> list[dict]:
+    """The top ops (self CPU time) of ``steps`` bertflow steps (batches of every length), as shares."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = [side.next_batch() for _ in range(steps)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches:
+            side.compute(batch)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": op_name(e.key), "self_ms": round(e.self_cpu_time_total / 1e3, 1),
+             "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in events[:top]]
+
+
+def op_name(key: str) -> str:
+    """Profiler keys, with inductor's graph hashes named for what they are (the compiled loss)."""
+    return "compiled masked-LM loss (an inductor graph)" if key.startswith("## Call CompiledFxGraph") else key
+
+
 def markdown(result: dict) -> str:
-    head = f"# Pretraining throughput ({result['machine']}, {result['threads']} threads, torch {result['torch']})"
-    lines = [head, "",
-             f"matmul peak: fp32 {result['peaks']['fp32']:.0f} GFLOP/s, bf16 {result['peaks']['bf16']:.0f} GFLOP/s "
-             f"(measured in the same run). Tokens = non-padding tokens.", "",
-             "| config | vocab | reference tokens/s | bertflow tokens/s | speed-up | reference MFU (fp32 peak) | "
-             "bertflow MFU (bf16 peak) | bertflow padding |", "|---|---|---|---|---|---|---|---|"]
+    peaks = result["peaks"]
+    lines = [f"# Pretraining throughput ({machine_line(result['machine'])})", "",
+             f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s (measured in the "
+             f"same run). Batch {result['args']['batch_size']}, sequence ≤ 128; tokens = non-padding tokens; "
+             f"steady state ({result['args']['rounds']} interleaved rounds × {result['args']['steps']} steps per side "
+             f"after {result['args']['warmup']} warm-up steps).", "",
+             "| config | vocab | reference tokens/s | bertflow tokens/s | speed-up | bertflow sequences/s | "
+             "reference MFU (fp32 peak) | bertflow MFU (bf16 peak) | bertflow padding |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['config']} | {r['vocab_size']} | {r['reference']['tokens_per_second']:,} | "
-                     f"{r['bertflow']['tokens_per_second']:,} | {r['speedup']}× | "
-                     f"{r['reference']['mfu_vs_fp32_peak']:.1%} | {r['bertflow']['mfu_vs_bf16_peak']:.1%} | "
-                     f"{r['bertflow']['padding_fraction']:.1%} (reference {r['reference']['padding_fraction']:.1%}) |")
+        ref, ours = r["reference"], r["bertflow"]
+        lines.append(f"| {r['config']} | {r['vocab_size']} | {ref['tokens_per_second']:,} | "
+                     f"{ours['tokens_per_second']:,} | {r['speedup']}× | {ours['sequences_per_second']} | "
+                     f"{ref['mfu_vs_fp32_peak']:.1%} | {ours['mfu_vs_bf16_peak']:.1%} | "
+                     f"{ours['padding_fraction']:.1%} (reference {ref['padding_fraction']:.1%}) |")
+    ablated = [r for r in result["rows"] if "profile" in r]
+    for r in ablated:
+        lines += ["", f"## What each technique buys ({r['config']}, vocabulary {r['vocab_size']}, same rounds)", "",
+                  "| step | tokens/s | vs bertflow | MFU (bf16 peak) |", "|---|---|---|---|"]
+        base = r["bertflow"]["tokens_per_second"]
+        for name, side in r.items():
+            if isinstance(side, dict) and "tokens_per_second" in side:
+                lines.append(f"| {name} | {side['tokens_per_second']:,} | {side['tokens_per_second'] / base:.2f} | "
+                             f"{side['mfu_vs_bf16_peak']:.1%} |")
+        lines += ["", f"## Where a bertflow step's time goes ({r['config']}/{r['vocab_size']}, torch.profiler, "
+                      "self CPU time over 4 steps)", "", "| op | ms | share | calls |", "|---|---|---|---|"]
+        lines += [f"| `{op['op']}` | {op['self_ms']} | {op['share']:.1%} | {op['calls']} |" for op in r["profile"]]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=6, help="measured steps per side per round")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1, help="measured steps per side per round")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=profile().batch_size)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile-ops", type=int, default=12, help="top ops shown from the profiled step")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the one-technique-less sides")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     args = parser.parse_args()
-    threads = tr.set_threads(args.threads)
-    from tasks.io import read_json
+    tr.set_threads(args.threads)
+    batches, project_vocab = pretraining_examples(Paths(REPO))
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(json.dumps({"peaks": peaks}), flush=True)
+    rows = [measure(name, vocab, batches, args, peaks)
+            for name in args.configs.split(",") for vocab in (30522, project_vocab)]
+    result = {"machine": machine(), "peaks": {k: round(v, 1) for k, v in peaks.items()}, "args": vars(args),
+              "rows": rows}
+    write_results("pretraining", result, markdown(result))
+
+
+def pretraining_examples(paths: Paths):
+    """The default profile's training instances with its masking, and the project's vocabulary size."""
+    from tasks.io import InputError, read_json
     from tasks.params import PretrainDataParams
     from tasks.pretrain import PretrainBatches, read_shards
     from tasks.pretrain_data import masking_spec
     from tasks.tokenizer import load_tokenizer
 
-    paths = Paths(REPO)
+    if not (paths.pretrain_data / "info.json").is_file():
+        raise InputError(f"{paths.pretrain_data}: no pretraining data; run `dvc repro pretrain_data` first")
     tokenizer = load_tokenizer(paths.tokenizer)
     info = read_json(paths.pretrain_data / "info.json")
     spec = masking_spec(tokenizer, PretrainDataParams(**info["params"]))
-    batches = PretrainBatches(read_shards(paths.pretrain_data / "train"), tokenizer.pad_token_id, spec, seed=0)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(json.dumps({"peaks": peaks}), flush=True)
-    rows = [measure(name, vocab, batches, args, peaks) for name in CONFIGS for vocab in (30522, len(tokenizer))]
-    result = {"machine": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__,
-              "peaks": {k: round(v, 1) for k, v in peaks.items()}, "args": vars(args), "rows": rows}
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pretraining.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "pretraining.md").write_text(markdown(result))
-    print(markdown(result))
+    return (PretrainBatches(read_shards(paths.pretrain_data / "train"), tokenizer.pad_token_id, spec, seed=0),
+            len(tokenizer))
 
 
 if __name__ == "__main__":

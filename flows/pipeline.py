@@ -347,7 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     if not state.is_completed():
         print(f"bertflow-flow: error: the flow run ended {state.name}: {state.message}", file=sys.stderr)
         return 1
+    print(stage_table(state.result()))
     return 0
+
+
+def stage_table(outcomes: list[dict]) -> str:
+    """What ran and how long each stage took, for the terminal."""
+    lines = [f"{'stage':<14} {'status':<8} {'seconds':>8}"]
+    lines += [f"{o['stage']:<14} {'ran' if o['ran'] else 'skipped':<8} {o['seconds']:>8}" for o in outcomes]
+    lines.append(f"{'total':<14} {'':<8} {sum(o['seconds'] for o in outcomes):>8.1f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -49,14 +49,11 @@ class BertClassifier(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         texts = as_texts(model_input)
-        scores = self.scores(texts)
-        frame = pd.DataFrame({"label": [self.labels[i] for i in scores.argmax(1)]}) if len(texts) else \
-            pd.DataFrame({"label": pd.Series([], dtype=str)})
-        for i, name in enumerate(self.labels):
-            frame[f"score_{name}"] = scores[:, i].astype(np.float64)
-        return frame
+        scores = self.scores(texts).astype(np.float64)
+        labels = pd.Series([self.labels[i] for i in scores.argmax(1)], dtype=object if len(texts) else str)
+        return pd.DataFrame({"label": labels, **{f"score_{name}": scores[:, i] for i, name in enumerate(self.labels)}})
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def scores(self, texts: list[str]) -> np.ndarray:
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -71,9 +68,8 @@ class BertClassifier(mlflow.pyfunc.PythonModel):
                 input_ids[r, : len(ids[i])] = torch.tensor(ids[i])
                 mask[r, : len(ids[i])] = 1
             logits = self.model(input_ids=input_ids, attention_mask=mask,
-                                token_type_ids=torch.zeros_like(input_ids)).logits.float().numpy()
-            shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-            out[rows] = shifted / shifted.sum(axis=1, keepdims=True)
+                                token_type_ids=torch.zeros_like(input_ids)).logits
+            out[rows] = torch.softmax(logits.float(), dim=-1).numpy()
         return out
 
 

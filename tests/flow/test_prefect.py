@@ -78,6 +78,10 @@ def test_flow_and_dvc_repro_keep_one_record(project, prefect_api, monkeypatch):
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
     assert repro(project, "register") == []  # after a flow run, dvc repro does nothing
 
+    from flows.pipeline import stage_table
+
+    table = stage_table(first.result()).splitlines()  # what `bertflow-flow run` prints at the end
+    assert [line.split()[:2] for line in table[1:-1]] == [[stage, "ran"] for stage in STAGES]
     text = summary(first)
     assert "| finetune | ran |" in text and "baseline: tfidf_logreg" in text and "models:/tiny/1" in text
     assert "dvc.lock md5" in text and "git:" in text

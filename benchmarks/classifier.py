@@ -1,0 +1,242 @@
+"""Fine-tuning throughput and the served classifier's latency, bertflow beside the reference.
+
+Fine-tuning: the finetune stage's step (``tasks.finetune``: batches built by length, bf16 autocast
+where the CPU has it, eager attention, fused AdamW, gradient clipping) against the reference: stock
+``BertForSequenceClassification`` (SDPA attention), fp32, plain AdamW, a plain loop over shuffled
+batches with dynamic padding and the model's own loss. Same weights (``artifacts/classifier``, or the
+profile's architecture with random weights when there is none: throughput does not depend on
+them), same SST-2 training phrases, the profile's batch size; the two sides alternate step by step.
+
+Inference: the classifier as the registry serves it, i.e. logged by the register stage's own code
+(``tasks.register.log_model``: the pyfunc of ``tasks/serving.py``) into a temporary MLflow store,
+registered, aliased ``champion`` and loaded back with ``mlflow.pyfunc.load_model("models:/…@champion")``,
+against the reference: transformers' ``text-classification`` pipeline on the same folder (fp32).
+Latency: p50/p99 of one-text calls over SST-2 dev sentences, the two alternating text by text;
+throughput: texts/s in calls of 64 texts. Both return every class's probability.
+
+Reads: ``data/labeled/{train,dev}.parquet`` + ``labels.json``, ``artifacts/classifier`` (or
+``artifacts/tokenizer``), ``params.yaml``. Writes: ``benchmarks/results/classifier.{json,md}``.
+
+    python benchmarks/classifier.py [--rounds 20] [--steps 1] [--texts 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine, machine_line, write_results  # noqa: E402
+from tasks import training as tr  # noqa: E402
+from tasks.finetune import encode, read_split  # noqa: E402
+from tasks.io import InputError, read_json  # noqa: E402
+from tasks.model import construct_config, load_classifier  # noqa: E402
+from tasks.params import FinetuneParams, load_params  # noqa: E402
+from tasks.paths import Paths  # noqa: E402
+from tasks.tokenizer import load_tokenizer  # noqa: E402
+
+MODEL_NAME = "benchmark-classifier"
+
+
+# ---------------------------------------------------------------- the classifier under test
+
+
+def classifier_folder(paths: Paths, params_file: Path, scratch: Path) -> tuple[Path, str]:
+    """``artifacts/classifier`` if the pipeline made one, else the profile's architecture at random."""
+    if (paths.classifier / "config.json").is_file():
+        return paths.classifier, "artifacts/classifier"
+    from transformers import BertForSequenceClassification
+
+    if not (paths.labeled / "labels.json").is_file():
+        raise InputError(f"{paths.labeled}: no labeled data; run `dvc repro ingest` first")
+    tokenizer = load_tokenizer(paths.tokenizer)
+    labels = read_json(paths.labeled / "labels.json")["labels"]
+    config = construct_config(load_params(params_file).pretrain.model, len(tokenizer), tokenizer.pad_token_id)
+    config.update({"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                   "label2id": {label: i for i, label in enumerate(labels)}})
+    folder = scratch / "classifier"
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder, "the profile's architecture, random weights (no artifacts/classifier yet)"
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+class FinetuneSide:
+    """One side of the fine-tuning comparison: model, optimizer, batch order, figures so far."""
+
+    def __init__(self, name: str, folder: Path, bertflow: bool, train, params: FinetuneParams, pad_id: int):
+        self.name, self.bertflow, self.train, self.pad_id = name, bertflow, train, pad_id
+        self.batch_size = params.batch_size
+        self.model = load_classifier(folder).train()
+        if bertflow:
+            self.model.set_attn_implementation(params.attention)
+            self.optimizer = tr.adamw(self.model, params.learning_rate, params.weight_decay)
+            self.order = tr.epoch_order([len(ids) for ids in train.input_ids], self.batch_size, params.seed, 0)
+            self.bf16 = tr.use_bf16(params.bf16)
+        else:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=params.learning_rate)
+            self.order = list(range(len(train.labels)))
+            random.Random(0).shuffle(self.order)
+            self.bf16 = False
+        self.cursor, self.seconds, self.tokens, self.sequences = 0, 0.0, 0, 0
+
+    def step(self, measure: bool) -> None:
+        if self.cursor + self.batch_size > len(self.order):
+            self.cursor = 0
+        batch = self.train.batch(self.order[self.cursor:self.cursor + self.batch_size], self.pad_id)
+        self.cursor += self.batch_size
+        started = time.perf_counter()
+        if self.bertflow:
+            with tr.autocast(self.bf16):
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    token_type_ids=batch["token_type_ids"]).logits
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+        else:
+            loss = self.model(**batch).loss
+        loss.backward()
+        if self.bertflow:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if measure:
+            self.seconds += time.perf_counter() - started
+            self.tokens += int(batch["attention_mask"].sum())
+            self.sequences += len(batch["labels"])
+
+    def figures(self) -> dict:
+        return {"tokens_per_second": round(self.tokens / self.seconds),
+                "sequences_per_second": round(self.sequences / self.seconds, 1)}
+
+
+def finetuning(folder: Path, paths: Paths, params: FinetuneParams, args) -> dict:
+    tokenizer = load_tokenizer(folder)
+    train = encode(tokenizer, *read_split(paths, "train"), params.max_seq_length)
+    sides = [FinetuneSide("reference", folder, False, train, params, tokenizer.pad_token_id),
+             FinetuneSide("bertflow", folder, True, train, params, tokenizer.pad_token_id)]
+    for side in sides:
+        for _ in range(args.warmup):
+            side.step(measure=False)
+    for round_ in range(args.rounds):  # interleaved, every other round in reverse
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
+            for _ in range(args.steps):
+                side.step(measure=True)
+    result = {"batch_size": params.batch_size, **{side.name: side.figures() for side in sides}}
+    result["speedup"] = round(result["bertflow"]["sequences_per_second"] / result["reference"]["sequences_per_second"],
+                              2)
+    return result
+
+
+# ---------------------------------------------------------------- serving
+
+
+def served_model(folder: Path, scratch: Path):
+    """Log, register and alias the classifier as the register stage does; load it back by alias."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasks.register import log_model
+
+    mlflow.set_tracking_uri(f"sqlite:///{scratch / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("benchmark", artifact_location=(scratch / "mlartifacts").as_uri())
+    root = scratch / "root"
+    shutil.copytree(folder, Paths(root).classifier)
+    with mlflow.start_run(experiment_id=experiment) as run:
+        pass
+    uri = log_model(run.info.run_id, Paths(root), example=["a gripping, funny film"])
+    version = mlflow.register_model(uri, MODEL_NAME)
+    MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version.version)
+    return mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+
+
+def reference_pipeline(folder: Path):
+    from transformers import pipeline
+
+    return pipeline("text-classification", model=str(folder), tokenizer=str(folder), device="cpu", top_k=None)
+
+
+def serving(folder: Path, paths: Paths, scratch: Path, args) -> dict:
+    texts = read_split(paths, "dev")[0][: args.texts]
+    served, reference = served_model(folder, scratch), reference_pipeline(folder)
+    calls = {"bertflow": lambda batch: served.predict(batch),
+             "reference": lambda batch: reference(batch, truncation=True, batch_size=len(batch))}
+    for call in calls.values():  # warm-up
+        for text in texts[:10]:
+            call([text])
+    latency: dict[str, list[float]] = {name: [] for name in calls}
+    for text in texts:  # alternating, text by text
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call([text])
+            latency[name].append(time.perf_counter() - started)
+    seconds = dict.fromkeys(calls, 0.0)
+    for start in range(0, len(texts) - 63, 64):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call(texts[start:start + 64])
+            seconds[name] += time.perf_counter() - started
+    batched = (len(texts) // 64) * 64
+    result = {name: {"p50_ms": round(1e3 * float(np.percentile(latency[name], 50)), 2),
+                     "p99_ms": round(1e3 * float(np.percentile(latency[name], 99)), 2),
+                     "batch64_texts_per_second": round(batched / seconds[name], 1)} for name in calls}
+    result["texts"] = len(texts)
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+
+def markdown(result: dict) -> str:
+    ft, sv = result["finetuning"], result["serving"]
+    ref, ours = sv["reference"], sv["bertflow"]
+    return "\n".join([
+        f"# Classifier: fine-tuning and serving ({machine_line(result['machine'])})", "",
+        f"Model: {result['model']}. Fine-tuning batch {ft['batch_size']} of SST-2 training phrases, "
+        f"{result['args']['rounds']} interleaved rounds × {result['args']['steps']} steps per side; serving over "
+        f"{sv['texts']} SST-2 dev sentences.", "",
+        "| fine-tuning | reference | bertflow | speed-up |", "|---|---|---|---|",
+        f"| sequences/s | {ft['reference']['sequences_per_second']} | {ft['bertflow']['sequences_per_second']} | "
+        f"{ft['speedup']}× |",
+        f"| tokens/s | {ft['reference']['tokens_per_second']:,} | {ft['bertflow']['tokens_per_second']:,} | |", "",
+        "| serving | reference (transformers pipeline) | bertflow (registry champion, pyfunc) |", "|---|---|---|",
+        f"| latency p50, batch 1 | {ref['p50_ms']} ms | {ours['p50_ms']} ms |",
+        f"| latency p99, batch 1 | {ref['p99_ms']} ms | {ours['p99_ms']} ms |",
+        f"| throughput, batch 64 | {ref['batch64_texts_per_second']} texts/s | "
+        f"{ours['batch64_texts_per_second']} texts/s |", ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--steps", type=int, default=1, help="measured fine-tuning steps per side per round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--texts", type=int, default=300, help="dev sentences for the latency figures")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    tr.set_threads(args.threads)
+    paths = Paths(REPO)
+    with tempfile.TemporaryDirectory(prefix="bench-classifier-") as tmp:
+        scratch = Path(tmp)
+        folder, described = classifier_folder(paths, Path(args.params), scratch)
+        result = {"machine": machine(), "model": described, "args": vars(args),
+                  "finetuning": finetuning(folder, paths, load_params(args.params).finetune, args),
+                  "serving": serving(folder, paths, scratch, args)}
+    write_results("classifier", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""All the performance benchmarks in one command, and the headline table the README shows.
+
+Runs, one after the other as child processes of this one: ``data_stages.py`` (ingest → tokenizer →
+pretrain_data on the default corpus), ``pretraining.py`` (bertflow's pretraining step beside the
+reference, matmul peaks, ablation, profile) and ``classifier.py`` (fine-tuning throughput, the
+registry-served classifier's latency and throughput). Each writes ``benchmarks/results/<name>.{json,md}``;
+this script then writes ``benchmarks/results/performance.md`` (the headline figures and every
+table) and puts the headline table into README.md between its ``benchmarks`` markers.
+
+    make bench        # or: python benchmarks/run.py [--skip data_stages,...]
+
+Needs the default profile's data (``dvc repro pretrain_data``); about 15 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import RESULTS, machine_line  # noqa: E402
+
+BENCHMARKS = ("data_stages", "pretraining", "classifier")
+README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def run_benchmark(name: str) -> None:
+    print(f"== {name}", flush=True)
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py")], cwd=REPO, check=True)
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def headline(pre: dict, cls: dict, data: dict) -> str:
+    """The figures the targets are about, in one table."""
+    rows = {(r["config"], r["vocab_size"]): r for r in pre["rows"]}
+    mini = rows[("BERT-Mini", 30522)]
+    ft, sv = cls["finetuning"], cls["serving"]
+    stages = data["stages"]
+    data_seconds = sum(s["wall_seconds"] for name, s in stages.items() if "num_proc=1" not in name)
+    lines = [f"Measured on {machine_line(pre['machine'])}; "
+             f"matmul peak fp32 {pre['peaks']['fp32']:.0f}, bf16 {pre['peaks']['bf16']:.0f} GFLOP/s.", "",
+             "| figure | reference | bertflow | ratio |", "|---|---|---|---|"]
+    for (config, vocab), r in rows.items():
+        lines.append(f"| pretraining {config}, vocab {vocab}, tokens/s | {r['reference']['tokens_per_second']:,} | "
+                     f"{r['bertflow']['tokens_per_second']:,} | {r['speedup']}× |")
+    lines += [
+        f"| pretraining BERT-Mini/30522, MFU (of the fp32 / bf16 peak) | {mini['reference']['mfu_vs_fp32_peak']:.1%} | "
+        f"{mini['bertflow']['mfu_vs_bf16_peak']:.1%} | |",
+        f"| fine-tuning, sequences/s (batch {ft['batch_size']}) | {ft['reference']['sequences_per_second']} | "
+        f"{ft['bertflow']['sequences_per_second']} | {ft['speedup']}× |",
+        f"| served classifier, latency p50 / p99 at batch 1 (ms) | {sv['reference']['p50_ms']} / "
+        f"{sv['reference']['p99_ms']} | {sv['bertflow']['p50_ms']} / {sv['bertflow']['p99_ms']} | |",
+        f"| served classifier, texts/s at batch 64 | {sv['reference']['batch64_texts_per_second']} | "
+        f"{sv['bertflow']['batch64_texts_per_second']} | |",
+        f"| data stages (ingest + tokenizer + pretrain_data), {data['corpus_mb']:.0f} M chars, s | | "
+        f"{data_seconds:.0f} | |"]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        print(f"README.md has no {README_START} … {README_END} markers; table not placed", file=sys.stderr)
+        return
+    before, rest = text.split(README_START, 1)
+    after = rest.split(README_END, 1)[1]
+    readme.write_text(f"{before}{README_START}\n{table}{README_END}{after}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip", default="", help="comma-separated benchmarks to reuse from results/ instead")
+    args = parser.parse_args()
+    skip = {name for name in args.skip.split(",") if name}
+    for name in BENCHMARKS:
+        if name not in skip:
+            run_benchmark(name)
+    results = {name: load(name) for name in BENCHMARKS}
+    table = headline(results["pretraining"], results["classifier"], results["data_stages"])
+    sections = [(RESULTS / f"{name}.md").read_text() for name in ("pretraining", "classifier", "data_stages")]
+    (RESULTS / "performance.md").write_text("# Performance\n\n" + table + "\n" + "\n".join(sections))
+    update_readme(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
