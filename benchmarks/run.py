@@ -2,14 +2,15 @@
 
 Runs, one after the other as child processes of this one: ``data_stages.py`` (ingest → tokenizer →
 pretrain_data on the default corpus), ``pretraining.py`` (bertflow's pretraining step beside the
-reference, matmul peaks, ablation, profile) and ``classifier.py`` (fine-tuning throughput, the
-registry-served classifier's latency and throughput). Each writes ``benchmarks/results/<name>.{json,md}``;
+reference, matmul peaks, ablation, profile), ``classifier.py`` (fine-tuning throughput, the
+registry-served classifier's latency and throughput) and ``distributed.py`` (the pretrain stage with
+1 and 2 torchrun processes). Each writes ``benchmarks/results/<name>.{json,md}``;
 this script then writes ``benchmarks/results/performance.md`` (the headline figures and every
 table) and puts the headline table into README.md between its ``benchmarks`` markers.
 
     make bench        # or: python benchmarks/run.py [--skip data_stages,...]
 
-Needs the default profile's data (``dvc repro pretrain_data``); about 15 minutes on 2 CPU cores.
+Needs the default profile's data (``dvc repro pretrain_data``); about 17 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS, machine_line  # noqa: E402
 
-BENCHMARKS = ("data_stages", "pretraining", "classifier")
+BENCHMARKS = ("data_stages", "pretraining", "classifier", "distributed")
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -38,7 +39,7 @@ def load(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
 
 
-def headline(pre: dict, cls: dict, data: dict) -> str:
+def headline(pre: dict, cls: dict, data: dict, ddp: dict) -> str:
     """The figures the targets are about, in one table."""
     rows = {(r["config"], r["vocab_size"]): r for r in pre["rows"]}
     mini = rows[("BERT-Mini", 30522)]
@@ -62,6 +63,10 @@ def headline(pre: dict, cls: dict, data: dict) -> str:
         f"{sv['bertflow']['batch64_texts_per_second']} | |",
         f"| data stages (ingest + tokenizer + pretrain_data), {data['corpus_mb']:.0f} M chars, s | | "
         f"{data_seconds:.0f} | |"]
+    one, many = ddp["runs"]["1"], ddp["runs"][str(ddp["args"]["processes"])]
+    lines.append(f"| pretrain stage, 1 process vs {ddp['args']['processes']} DDP processes (same cores), tokens/s | "
+                 f"{one['tokens_per_second']:,} | {many['tokens_per_second']:,} | "
+                 f"{many['tokens_per_second'] / one['tokens_per_second']:.2f}× |")
     return "\n".join(lines) + "\n"
 
 
@@ -85,8 +90,9 @@ def main() -> None:
         if name not in skip:
             run_benchmark(name)
     results = {name: load(name) for name in BENCHMARKS}
-    table = headline(results["pretraining"], results["classifier"], results["data_stages"])
-    sections = [(RESULTS / f"{name}.md").read_text() for name in ("pretraining", "classifier", "data_stages")]
+    table = headline(results["pretraining"], results["classifier"], results["data_stages"], results["distributed"])
+    sections = [(RESULTS / f"{name}.md").read_text() for name in ("pretraining", "classifier", "distributed",
+                                                                   "data_stages")]
     (RESULTS / "performance.md").write_text("# Performance\n\n" + table + "\n" + "\n".join(sections))
     update_readme(table)
     print(table)

@@ -11,8 +11,15 @@ Writes: what the stages write, ``.dvc/tmp/bertflow-pipeline.lock`` while it runs
 time), the DVC remote, the MLflow run's ``dvc.lock`` artifact, and a Prefect markdown artifact
 summarising the run.
 
+With ``distributed.work_pool`` set, the training stages (pretrain, finetune) go to that Prefect
+work pool instead: the flow starts the ``bertflow-stage/<distributed.deployment>`` deployment for
+each (``bertflow-flow deploy-training`` creates it) and waits for its flow run. A worker of the
+pool (``prefect worker start --pool <pool>``: a process pool here, a Kubernetes or Docker pool by
+configuration) runs the same ``dvc repro --single-item`` in the same project, so the record stays one.
+
     bertflow-flow run [--root .] [--params FILE] [--set finetune.learning_rate=5e-5 ...]
     bertflow-flow serve            # a deployment on the cron schedule of params.yaml's `schedule`
+    bertflow-flow deploy-training  # the stage deployment on params.yaml's `distributed.work_pool`
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from tasks.paths import Paths  # noqa: E402
 from tasks.tracking import prefect_flow_run_id  # noqa: E402
 
 STAGES = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "register")
+POOLED = ("pretrain", "finetune")  # the stages a training work pool takes, when params name one
+STAGE_FLOW = "bertflow-stage"
 # I/O-bound stages are retried (remote sources may hiccup), training never, and bad input never: it
 # fails the same way every time. register retries the registry itself (register.retries, back-off).
 RETRIED = {"ingest": 2}
@@ -274,6 +283,48 @@ def record_lock(root: str) -> None:
     client.set_tag(registered["run_id"], "dvc_lock_md5", lock_digest(Path(root)))
 
 
+def lock_entry(root: Path, stage: str) -> str:
+    """The stage's record in dvc.lock (changes exactly when DVC ran it)."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    stages = yaml.safe_load(lock.read_text()).get("stages", {}) if lock.is_file() else {}
+    return repr(stages.get(stage))
+
+
+@task(cache_policy=NO_CACHE)
+def run_on_pool(stage: str, root: str, deployment: str) -> dict:
+    """Hand one stage to the training work pool and wait for it."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    before, started = lock_entry(Path(root), stage), time.perf_counter()
+    name = f"{STAGE_FLOW}/{deployment}"
+    logger.info("stage %s: handed to deployment %s", stage, name)
+    flow_run = run_deployment(name, parameters={"stage": stage, "root": root}, timeout=None)
+    if not flow_run.state.is_completed():
+        raise StageFailed(f"stage {stage} on deployment {name}: flow run {flow_run.name} ended "
+                          f"{flow_run.state.name}: {flow_run.state.message}")
+    ran = lock_entry(Path(root), stage) != before
+    logger.info("stage %s %s on the work pool (flow run %s)", stage, "ran" if ran else "skipped", flow_run.name)
+    return {"stage": stage, "ran": ran, "seconds": round(time.perf_counter() - started, 1), "flow_run": flow_run.name}
+
+
+@flow(name=STAGE_FLOW, log_prints=True)
+def stage_flow(stage: str, root: str) -> dict:
+    """One stage, on whichever worker of the training pool picked it up: the same ``dvc repro``."""
+    if stage not in POOLED:
+        raise ValueError(f"{stage}: only {', '.join(POOLED)} run on a training work pool")
+    return run_stage(stage, root)
+
+
+def run_one(stage: str, root: str, work_pool: str | None, deployment: str) -> dict:
+    """A stage here, or on the training work pool when params name one and the stage is a training stage."""
+    if work_pool and stage in POOLED:
+        return run_on_pool.with_options(name=f"{stage}@{work_pool}")(stage, root, deployment)
+    return run_stage.with_options(name=stage, retries=RETRIED.get(stage, 0), retry_delay_seconds=15)(stage, root)
+
+
 # ---------------------------------------------------------------- the flow
 
 
@@ -285,10 +336,8 @@ def pipeline(root: str = ".", params_file: str | None = None, overrides: dict[st
     with pipeline_lock(project, lock_wait_seconds):
         prepare_params(project, params_file, overrides or {})
         sync_dvc(str(project))
-        outcomes = []
-        for stage in STAGES:
-            runner = run_stage.with_options(name=stage, retries=RETRIED.get(stage, 0), retry_delay_seconds=15)
-            outcomes.append(runner(stage, str(project)))
+        placement = training_placement(project)
+        outcomes = [run_one(stage, str(project), *placement) for stage in STAGES]
         pushed = push_outputs(str(project))
         if any(o["stage"] == "register" and o["ran"] for o in outcomes):
             record_lock(str(project))
@@ -310,6 +359,25 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise SystemExit(f"--set {item!r}: expected key=value, e.g. finetune.learning_rate=5e-5")
         overrides[key] = yaml.safe_load(value)
     return overrides
+
+
+def training_placement(root: Path) -> tuple[str | None, str]:
+    """(work pool, deployment) of the training stages from params.yaml; no pool: they run here."""
+    from tasks.params import load_params
+
+    settings = load_params(root / "params.yaml").distributed
+    return settings.work_pool, settings.deployment
+
+
+def deploy_training(root: Path) -> str:
+    """Create (or update) the stage deployment on ``distributed.work_pool``; returns its name."""
+    work_pool, deployment = training_placement(root)
+    if not work_pool:
+        raise SystemExit("bertflow-flow: error: params.yaml has no distributed.work_pool to deploy to")
+    source = stage_flow.from_source(source=str(root), entrypoint="flows/pipeline.py:stage_flow")
+    source.deploy(name=deployment, work_pool_name=work_pool, tags=["bertflow"],
+                  description="one bertflow training stage (dvc repro --single-item) on a training worker")
+    return f"{STAGE_FLOW}/{deployment}"
 
 
 def serve(root: Path) -> None:
@@ -334,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one param")
     served = commands.add_parser("serve", help="serve a deployment on params.yaml's schedule (blocks)")
     served.add_argument("--root", default=".")
+    deployed = commands.add_parser("deploy-training", help="deploy the training stages to distributed.work_pool")
+    deployed.add_argument("--root", default=".")
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
     if shutil.which("dvc", path=str(BIN)) is None and shutil.which("dvc") is None:
@@ -341,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         serve(root)
+        return 0
+    if args.command == "deploy-training":
+        print(deploy_training(root))
         return 0
     state = pipeline(root=str(root), params_file=args.params, overrides=parse_overrides(args.set),
                      return_state=True)

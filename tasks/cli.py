@@ -2,7 +2,8 @@
 
 Reads the params file (``--params``, default params.yaml) and runs one stage's ``run`` with its
 own section; writes what that stage writes plus ``reports/<stage>.json``. Bad params or bad input
-exit with status 2 and one message naming the thing at fault.
+exit with status 2 and one message naming the thing at fault. With ``distributed`` asking for more
+than one process, the training stages re-run this same command line under torchrun (rank 0 writes).
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
+from tasks import distributed
 from tasks.dvc_sync import check_dvc_deps, sync_dvc_yaml
 from tasks.io import InputError, write_json
 from tasks.params import ParamsError, load_params
@@ -27,6 +30,7 @@ STAGES = {
     "evaluate": "test-set figures, held-out MLM figures and baselines into reports/evaluate",
     "register": "track the run in MLflow and register the classifier (challenger/champion)",
 }
+DISTRIBUTED = ("pretrain", "finetune")  # the stages that run under torchrun when params ask for it
 
 
 def run_stage(stage: str, params_file: str | Path = "params.yaml", root: str | Path = ".",
@@ -41,8 +45,21 @@ def run_stage(stage: str, params_file: str | Path = "params.yaml", root: str | P
     module = importlib.import_module(f"tasks.{stage}")
     section = params if getattr(module, "WHOLE_PARAMS", False) else getattr(params, stage)
     figures = module.run(section, paths)
-    write_json(paths.report(stage), figures)
+    if distributed.is_main_process():
+        write_json(paths.report(stage), figures)
     return figures
+
+
+def launch_distributed(stage: str, params_file: str, argv: list[str]) -> int | None:
+    """Re-run this command under torchrun when params ask for more than one process; None: run here."""
+    if stage not in DISTRIBUTED:
+        return None
+    settings = load_params(params_file).distributed
+    if not distributed.wants_launch(settings):
+        return None
+    command = distributed.launch_command(settings, argv)
+    logging.getLogger(__name__).info("%s: %s", stage, " ".join(command))
+    return subprocess.run(command, env=distributed.launch_env(settings), check=False).returncode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,13 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "sync-dvc":
             sync_dvc_yaml(Path(args.root) / "dvc.yaml", load_params(args.params))
-        else:
-            run_stage(args.command, args.params, args.root)
+            return 0
+        code = launch_distributed(args.command, args.params, argv)
+        if code is not None:
+            return code
+        run_stage(args.command, args.params, args.root)
     except (ParamsError, InputError) as exc:
         print(f"bertflow {args.command}: error: {exc}", file=sys.stderr)
         return 2

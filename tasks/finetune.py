@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tasks import distributed as dd
 from tasks import training as tr
 from tasks.io import atomic_dirs, read_column, read_json, write_json
 from tasks.model import check_positions, check_vocab, load_classifier
@@ -111,8 +112,14 @@ class FinetuneState:
 
 
 def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams, pad_id: int,
-                     store: tr.CheckpointStore, curve: tr.MetricsLog, bf16: bool, saved: dict | None) -> dict:
-    """Epochs with dev evaluation and early stopping; the best epoch's weights end up in ``model``."""
+                     store: tr.CheckpointStore, curve: tr.MetricsLog, bf16: bool, saved: dict | None,
+                     world: dd.World) -> dict:
+    """Epochs with dev evaluation and early stopping; the best epoch's weights end up in ``model``.
+
+    Under torchrun every process takes its slice of each global batch (``finetune.batch_size``);
+    every process scores dev (the same weights give the same figures, so all stop together) and
+    only rank 0 writes checkpoints and the curve.
+    """
     optimizer = tr.adamw(model, params.learning_rate, params.weight_decay)
     steps_per_epoch = len(train.labels) // params.batch_size
     budget = tr.Budget(max_steps=steps_per_epoch * params.epochs)
@@ -123,6 +130,7 @@ def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams
         optimizer.load_state_dict(saved["optimizer"])
         tr.restore_rng(saved["rng"])
         state, best = FinetuneState(**saved["loop"]), saved["best"]
+    forward = dd.wrap(model, world)
     model.train()
     while state.epoch < params.epochs and state.epochs_without_gain < params.early_stopping_patience:
         order = tr.epoch_order([len(ids) for ids in train.input_ids], params.batch_size, params.seed, state.epoch)
@@ -130,28 +138,41 @@ def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams
             started = time.perf_counter()
             lr = tr.set_lr(optimizer, params.learning_rate,
                            tr.lr_factor(budget.progress(state.step, 0), params.warmup_fraction))
-            batch = train.batch(order[state.cursor: state.cursor + params.batch_size], pad_id)
-            with tr.autocast(bf16):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               token_type_ids=batch["token_type_ids"]).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"], weight=weights)
-            loss.backward()
+            indices = dd.rank_share(order[state.cursor: state.cursor + params.batch_size], world)
+            loss = classification_step(forward, train.batch(indices, pad_id), weights, bf16, world)
             torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.cursor += params.batch_size
             state.step += 1
-            state.loss_sum += loss.item()
+            state.loss_sum += loss
             state.loss_count += 1
             state.seconds += time.perf_counter() - started
-            if store.due(state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes):
+            if world.main and store.due(state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes):
                 store.save(state.step, _checkpoint(model, optimizer, state, best))
         best = _end_epoch(model, dev, params, pad_id, state, best, curve, lr, bf16)
-        store.save(state.step, _checkpoint(model, optimizer, state, best))
+        if world.main:
+            store.save(state.step, _checkpoint(model, optimizer, state, best))
     model.load_state_dict(best)
     return {"best_epoch": state.best_epoch + 1, f"best_dev_{params.metric}": round(state.best_metric, 5),
             "epochs_run": state.epoch, "steps": state.step, "seconds": round(state.seconds, 1),
             "history": state.history}
+
+
+def classification_step(forward, batch: dict, weights: torch.Tensor | None, bf16: bool, world: dd.World) -> float:
+    """Forward and backward of this process's slice; returns the whole global batch's loss.
+
+    Each process's mean loss is weighted by its share of the batch's total (class) weight, so DDP's
+    gradient average equals the gradient of the global batch's loss on one process.
+    """
+    with tr.autocast(bf16):
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         token_type_ids=batch["token_type_ids"]).logits
+    loss = F.cross_entropy(logits.float(), batch["labels"], weight=weights)
+    mass = float(weights[batch["labels"]].sum()) if weights is not None else float(len(batch["labels"]))
+    total = dd.all_reduce([mass], world, mean=False)[0]
+    (loss * (mass * world.size / total)).backward()
+    return dd.all_reduce([loss.item() * mass], world, mean=False)[0] / total
 
 
 def _end_epoch(model, dev, params, pad_id, state: FinetuneState, best, curve, lr, bf16):
@@ -191,12 +212,14 @@ def read_split(paths: Paths, split: str) -> tuple[list[str], list[int]]:
 
 
 def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], params: FinetuneParams,
-                 paths: Paths, tokenizer) -> tuple[object, dict]:
+                 paths: Paths, tokenizer, world: dd.World) -> tuple[object, dict]:
     """Fine-tune one classifier (from ``source`` weights, or its architecture at random)."""
     tr.set_threads(params.num_threads)
+    dd.per_rank(params.batch_size, world, "finetune.batch_size")
     torch.manual_seed(params.seed)
     model = load_classifier(source, labels, params.classifier_dropout, random_init=random_init,
                             encoder_dropout=params.encoder_dropout)
+    torch.manual_seed(params.seed + world.rank)  # the same weights everywhere, each process its own dropout
     model.set_attn_implementation(params.attention)  # a run-time choice: the saved config keeps the default
     check_vocab(model.config, len(tokenizer), str(source))
     check_positions(model.config, params.max_seq_length, "finetune.max_seq_length")
@@ -207,16 +230,18 @@ def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], 
                                                          "keep_checkpoints", "num_threads", "random_init_ablation"}),
                    "rows": {"train": len(train.labels), "dev": len(dev.labels)}}
     store = tr.CheckpointStore(paths.finetune_checkpoints / name, fingerprint, params.keep_checkpoints)
-    latest = store.open()
+    latest = dd.broadcast_object(store.open() if world.main else None, world)
     saved = store.load(latest) if latest else None
     curve = tr.MetricsLog(paths.reports / "finetune" / f"{name}.csv", EPOCH_FIELDS,
-                          saved["loop"]["step"] if saved else None)
+                          saved["loop"]["step"] if saved else None) if world.main else tr.NullLog()
     summary = train_classifier(model, train, dev, params, tokenizer.pad_token_id, store, curve,
-                               tr.use_bf16(params.bf16), saved)
+                               tr.use_bf16(params.bf16), saved, world)
     return model, {**summary, "resumed_from_step": saved["loop"]["step"] if saved else 0, "store": store}
 
 
 def run(params: FinetuneParams, paths: Paths) -> dict:
+    """One process, or one rank of a torchrun world (rank 0 writes; every rank computes)."""
+    world = dd.init_world()
     source = init_folder(params, paths)
     tokenizer = load_tokenizer(source)
     labels = read_json(paths.labeled / "labels.json")["labels"]
@@ -225,15 +250,19 @@ def run(params: FinetuneParams, paths: Paths) -> dict:
         runs["random_init"] = (source, True)
     models, figures = {}, {}
     for name, (folder, random_init) in runs.items():
-        models[name], figures[name] = finetune_run(name, folder, random_init, labels, params, paths, tokenizer)
-    with atomic_dirs([paths.classifier, paths.ablation]) as (classifier_dir, ablation_dir):
-        _save(models["pretrained"], tokenizer, classifier_dir)
-        if "random_init" in models:
-            _save(models["random_init"], tokenizer, ablation_dir / "random_init")
-        write_json(ablation_dir / "ablation.json", {"random_init": "random_init" in models})
-    for summary in figures.values():
-        summary.pop("store").mark_complete()
-    return {"init": str(params.init), "labels": labels, **figures}
+        models[name], figures[name] = finetune_run(name, folder, random_init, labels, params, paths, tokenizer,
+                                                   world)
+    stores = [summary.pop("store") for summary in figures.values()]
+    if world.main:
+        with atomic_dirs([paths.classifier, paths.ablation]) as (classifier_dir, ablation_dir):
+            _save(models["pretrained"], tokenizer, classifier_dir)
+            if "random_init" in models:
+                _save(models["random_init"], tokenizer, ablation_dir / "random_init")
+            write_json(ablation_dir / "ablation.json", {"random_init": "random_init" in models})
+        for store in stores:
+            store.mark_complete()
+    dd.leave_world(world)
+    return {"init": str(params.init), "labels": labels, "processes": world.size, **figures}
 
 
 def _save(model, tokenizer, folder: Path) -> None:

@@ -245,6 +245,18 @@ class ScheduleParams(Section):
         return value
 
 
+class DistributedParams(Section):
+    """pretrain and finetune across processes (torchrun + DDP); 1 process on 1 node is the plain run."""
+
+    nproc_per_node: int = Field(1, ge=1, description="processes on this node (CPU: at most the cores; GPU: GPUs)")
+    nnodes: int = Field(1, ge=1, description="nodes; more than one needs rdzv_endpoint")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous (multi-node)")
+    rdzv_id: str = Field("bertflow", min_length=1, description="rendezvous id shared by the nodes of one run")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: gloo (training runs on the CPU)")
+    work_pool: str | None = Field(None, description="Prefect work pool for pretrain/finetune (null: run in the flow)")
+    deployment: str = Field("training", min_length=1, description="name of the bertflow-stage deployment there")
+
+
 warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows')  # ABC.register; harmless
 
 
@@ -257,6 +269,7 @@ class Params(Section):
     evaluate: EvaluateParams
     register: RegisterParams
     schedule: ScheduleParams = ScheduleParams()
+    distributed: DistributedParams = DistributedParams()
 
 
 def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:

@@ -13,7 +13,8 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -22,9 +23,11 @@ import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
+from tasks import distributed as dd
 from tasks import training as tr
 from tasks.io import InputError, atomic_dirs, read_json
 from tasks.model import (
+    PretrainingOutput,
     check_positions,
     compiled_masked_lm_loss,
     construct_config,
@@ -74,9 +77,10 @@ class PretrainBatches:
         return pc.list_value_length(self.table.column("input_ids")).to_pylist()
 
     def batch(self, indices: list[int], mask_seed: str) -> dict[str, torch.Tensor]:
+        """Rows ``indices``; dynamic masks drawn per row from (``mask_seed``, row), so a row gets the same
+        mask whichever process, batch slice or position it lands in."""
         rows = self.table.take(indices).to_pylist()
-        rng = random.Random(mask_seed)
-        examples = [self._masked(row, rng) for row in rows]
+        examples = [self._masked(row, random.Random(f"{mask_seed}/{i}")) for i, row in zip(indices, rows, strict=True)]
         return collate(examples, self.pad_id)
 
     def _masked(self, row: dict, rng: random.Random) -> tuple[list[int], list[int], list[int], list[int], int]:
@@ -134,26 +138,40 @@ def evaluate_pretraining(model, batches: PretrainBatches, limit: int | None, bat
 
 @dataclass
 class StepSettings:
-    """How a training step computes: bf16 autocast or not, and the masked-LM loss function."""
+    """How a training step computes: bf16 autocast or not, the masked-LM loss function, the process world."""
 
     bf16: bool
     mlm_loss: Callable = masked_lm_loss
+    world: dd.World = field(default_factory=dd.World)
 
     @classmethod
-    def from_params(cls, params: PretrainParams) -> StepSettings:
-        return cls(tr.use_bf16(params.bf16), compiled_masked_lm_loss() if params.compile_loss else masked_lm_loss)
+    def from_params(cls, params: PretrainParams, world: dd.World) -> StepSettings:
+        return cls(tr.use_bf16(params.bf16), compiled_masked_lm_loss() if params.compile_loss else masked_lm_loss,
+                   world)
+
+
+class PretrainingStep(torch.nn.Module):
+    """The model and its loss as one module, so DistributedDataParallel sees (and syncs) the whole step."""
+
+    def __init__(self, model, mlm_loss: Callable):
+        super().__init__()
+        self.model, self.mlm_loss = model, mlm_loss
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> PretrainingOutput:
+        return pretraining_loss(self.model, batch, self.mlm_loss)
 
 
 @dataclass
 class LoopState:
     step: int = 0
     epoch: int = 0
-    cursor: int = 0  # next position in this epoch's order
+    cursor: int = 0  # next position in this epoch's order (of global batches)
     seconds: float = 0.0  # training time so far (not counting time spent dead after a crash)
-    tokens: int = 0
+    tokens: int = 0  # non-padding tokens, all processes together
 
 
 def next_indices(state: LoopState, batches: PretrainBatches, size: int, order_cache: dict) -> list[int]:
+    """The next global batch of the epoch order (the same on every process)."""
     if state.epoch not in order_cache:
         order_cache.clear()
         order_cache[state.epoch] = batches.order(state.epoch, size)
@@ -169,24 +187,30 @@ def next_indices(state: LoopState, batches: PretrainBatches, size: int, order_ca
 def train(model, optimizer, train_batches: PretrainBatches, eval_batches: PretrainBatches, params: PretrainParams,
           store: tr.CheckpointStore, state: LoopState, logs: tuple[tr.MetricsLog, tr.MetricsLog],
           settings: StepSettings) -> dict:
-    """Run optimizer steps until the budget is spent; returns the last held-out evaluation."""
+    """Run optimizer steps until the budget is spent; returns the last held-out evaluation.
+
+    Every process runs this loop; rank 0's clock decides when the time budget is spent, and only
+    rank 0 writes checkpoints and logs (``logs`` are null logs elsewhere).
+    """
+    world = settings.world
     budget = tr.Budget(params.max_steps, params.budget_minutes)
     train_log, eval_log = logs
+    stepper = dd.wrap(PretrainingStep(model, settings.mlm_loss), settings.world)
     order_cache: dict = {}
     last_eval: dict = {}
-    bar = tqdm(total=1000, desc="pretrain", unit="‰", mininterval=2, disable=None, initial=int(1000 * budget.progress(
-        state.step, state.seconds)))
+    bar = tqdm(total=1000, desc="pretrain", unit="‰", mininterval=2, disable=None if world.main else True,
+               initial=int(1000 * budget.progress(state.step, state.seconds)))
     model.train()
     while budget.progress(state.step, state.seconds) < 1.0:
         started = time.perf_counter()
         lr = tr.set_lr(optimizer, params.learning_rate,
                        tr.lr_factor(budget.progress(state.step, state.seconds), params.warmup_fraction))
-        losses, tokens = accumulate(model, train_batches, params, state, order_cache, settings)
+        losses, tokens = accumulate(stepper, train_batches, params, state, order_cache, settings)
         torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        elapsed = time.perf_counter() - started
+        elapsed = dd.broadcast_float(time.perf_counter() - started, world)
         state.seconds += elapsed
         state.tokens += tokens
         bar.update(int(1000 * budget.progress(state.step, state.seconds)) - bar.n)
@@ -195,11 +219,12 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
             train_log.write(step=state.step, loss=round(losses[0], 5), mlm_loss=round(losses[1], 5),
                             nsp_loss=round(losses[2], 5), lr=f"{lr:.3e}", tokens_per_second=round(tokens / elapsed),
                             seconds=round(state.seconds, 1))
-            log.info("step %d loss %.4f (mlm %.4f, nsp %.4f) lr %.2e %.0f tokens/s", state.step, *losses, lr,
-                     tokens / elapsed)
+            if world.main:
+                log.info("step %d loss %.4f (mlm %.4f, nsp %.4f) lr %.2e %.0f tokens/s", state.step, *losses, lr,
+                         tokens / elapsed)
         if state.step % params.eval_every == 0:
             last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, settings.bf16)
-        if store.due(state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes):
+        if world.main and store.due(state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes):
             store.save(state.step, checkpoint_state(model, optimizer, state))
     bar.close()
     if not last_eval or last_eval.get("step") != state.step:
@@ -207,21 +232,33 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
     return last_eval
 
 
-def accumulate(model, batches, params, state, order_cache, settings: StepSettings
+def accumulate(stepper, batches, params, state, order_cache, settings: StepSettings
                ) -> tuple[tuple[float, float, float], int]:
-    """Forward/backward over ``gradient_accumulation_steps`` micro-batches; returns mean losses, tokens."""
-    totals = [0.0, 0.0, 0.0]
-    tokens = 0
-    for micro in range(params.gradient_accumulation_steps):
-        indices = next_indices(state, batches, params.batch_size, order_cache)
+    """Forward/backward over ``gradient_accumulation_steps`` global micro-batches, each split over the
+    processes; returns the step's mean losses and its non-padding tokens, all processes together.
+
+    The masked-LM loss of each process is weighted by its share of the micro-batch's masked tokens,
+    so DDP's gradient average is the gradient of the whole micro-batch's mean loss: the same as one
+    process with the same global batch. Gradients are synchronised only on the last micro-batch.
+    """
+    world, steps = settings.world, params.gradient_accumulation_steps
+    sums = [0.0, 0.0, 0.0, 0.0]  # mlm loss × masked tokens, masked tokens, nsp loss, non-padding tokens
+    for micro in range(steps):
+        indices = dd.rank_share(next_indices(state, batches, params.batch_size, order_cache), world)
         batch = batches.batch(indices, mask_seed=f"{params.seed}/{state.step}/{micro}")
-        with tr.autocast(settings.bf16):
-            out = pretraining_loss(model, batch, settings.mlm_loss)
-        (out.loss / params.gradient_accumulation_steps).backward()
-        for i, value in enumerate((out.loss, out.mlm_loss, out.nsp_loss)):
-            totals[i] += value.item() / params.gradient_accumulation_steps
-        tokens += int(batch["attention_mask"].sum())
-    return (totals[0], totals[1], totals[2]), tokens
+        sync = micro == steps - 1 or not world.distributed
+        with nullcontext() if sync else stepper.no_sync():
+            with tr.autocast(settings.bf16):
+                out = stepper(batch)
+            masked = dd.all_reduce([out.mlm_count], world, mean=False)[0]
+            share = out.mlm_count * world.size / max(masked, 1)
+            ((out.mlm_loss * share + out.nsp_loss) / steps).backward()
+        sums = [a + b for a, b in zip(sums, (out.mlm_loss.item() * out.mlm_count, out.mlm_count,
+                                             out.nsp_loss.item() / steps, int(batch["attention_mask"].sum())),
+                                        strict=True)]
+    mlm_sum, masked, nsp_sum, tokens = dd.all_reduce(sums, world, mean=False)
+    mlm, nsp = mlm_sum / max(masked, 1), nsp_sum / world.size
+    return (mlm + nsp, mlm, nsp), int(tokens)
 
 
 def _evaluate_and_log(model, eval_batches, params, state, eval_log, bf16) -> dict:
@@ -256,9 +293,12 @@ def load_data(paths: Paths, tokenizer, params: PretrainParams) -> tuple[Pretrain
 
 
 def run(params: PretrainParams, paths: Paths) -> dict:
+    """One process, or one rank of a torchrun world (rank 0 writes; every rank computes)."""
+    world = dd.init_world()
     threads = tr.set_threads(params.num_threads)
     tokenizer = load_tokenizer(paths.tokenizer)
     train_batches, eval_batches, info = load_data(paths, tokenizer, params)
+    dd.per_rank(params.batch_size, world, "pretrain.batch_size")
     config = construct_config(params.model, len(tokenizer), tokenizer.pad_token_id)
     check_positions(config, info["params"]["max_seq_length"], "pretrain.model.max_position_embeddings")
     model = construct_pretraining_model(config, params.seed, params.attention)
@@ -266,19 +306,22 @@ def run(params: PretrainParams, paths: Paths) -> dict:
                          eps=params.adam_epsilon)
     fingerprint = run_fingerprint(params, config, info)
     store = tr.CheckpointStore(paths.pretrain_checkpoints, fingerprint, params.keep_checkpoints)
-    state, resumed_from = resume(store, model, optimizer)
+    state, resumed_from = resume(dd.broadcast_object(store.open() if world.main else None, world), model, optimizer)
     logs = (tr.MetricsLog(paths.reports / "pretrain" / "train.csv", TRAIN_FIELDS, resumed_from),
-            tr.MetricsLog(paths.reports / "pretrain" / "eval.csv", EVAL_FIELDS, resumed_from))
-    settings = StepSettings.from_params(params)
+            tr.MetricsLog(paths.reports / "pretrain" / "eval.csv", EVAL_FIELDS, resumed_from)) if world.main \
+        else (tr.NullLog(), tr.NullLog())
+    settings = StepSettings.from_params(params, world)
     final_eval = train(model, optimizer, train_batches, eval_batches, params, store, state, logs, settings)
-    with atomic_dirs([paths.pretrained]) as (folder,):
-        model.save_pretrained(str(folder))
-        tokenizer.save_pretrained(str(folder))
-    store.mark_complete()
+    if world.main:
+        with atomic_dirs([paths.pretrained]) as (folder,):
+            model.save_pretrained(str(folder))
+            tokenizer.save_pretrained(str(folder))
+        store.mark_complete()
+    dd.leave_world(world)
     return {"steps": state.step, "epochs": round(state.epoch + state.cursor / len(train_batches), 3),
             "tokens": state.tokens, "seconds": round(state.seconds, 1),
             "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9)), "bf16": settings.bf16,
-            "threads": threads,
+            "threads": threads, "processes": world.size,
             "parameters": sum(p.numel() for p in model.parameters()), "resumed_from_step": resumed_from or 0,
             "heldout": final_eval}
 
@@ -291,11 +334,11 @@ def run_fingerprint(params: PretrainParams, config, info: dict) -> dict:
             "data": info["figures"]["train"]}
 
 
-def resume(store: tr.CheckpointStore, model, optimizer) -> tuple[LoopState, int | None]:
-    latest = store.open()
+def resume(latest: Path | None, model, optimizer) -> tuple[LoopState, int | None]:
+    """Load the checkpoint ``latest`` (rank 0 opened the store and told every rank which one)."""
     if latest is None:
         return LoopState(), None
-    saved = store.load(latest)
+    saved = tr.CheckpointStore.load(latest)
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     tr.restore_rng(saved["rng"])

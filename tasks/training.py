@@ -29,7 +29,9 @@ NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layernorm", "layer_no
 
 
 def set_threads(num_threads: int | None) -> int:
-    torch.set_num_threads(num_threads or os.cpu_count() or 1)
+    """``num_threads``, or this process's share of the cores (torchrun starts LOCAL_WORLD_SIZE per node)."""
+    share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(num_threads or max(1, share))
     return torch.get_num_threads()
 
 
@@ -149,6 +151,13 @@ class MetricsLog:
     def write(self, **row) -> None:
         with open(self.path, "a", newline="") as handle:
             csv.DictWriter(handle, fieldnames=self.fields).writerow(row)
+
+
+class NullLog:
+    """Where the metrics of a process other than rank 0 go."""
+
+    def write(self, **row) -> None:
+        pass
 
 
 # ---------------------------------------------------------------- checkpoints

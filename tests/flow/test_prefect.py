@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.flow.conftest import BIN, ENV, repro, set_param, sh
 
@@ -206,7 +208,9 @@ def stop(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_served_deployment_runs_through_the_api(project, tmp_path):
+@contextlib.contextmanager
+def prefect_server(tmp_path):
+    """A real ``prefect server start`` on 127.0.0.1; yields the environment that points at it."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**ENV, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": api,
@@ -215,7 +219,6 @@ def test_served_deployment_runs_through_the_api(project, tmp_path):
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
-    served = None
     try:
         def healthy():
             try:
@@ -224,30 +227,73 @@ def test_served_deployment_runs_through_the_api(project, tmp_path):
                 assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
                 return False
         wait_for(healthy, 180, "the Prefect server")
-        served = subprocess.Popen([str(BIN / "bertflow-flow"), "serve", "--root", str(project)], cwd=project, env=env,
-                                  stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-
-        def deployed():
-            assert served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                return api_call(DEPLOYMENT, env, "bertflow/tiny-nightly")
-            except AssertionError:
-                return False
-        assert wait_for(deployed, 180, "the deployment") == "['0 3 * * * Europe/Berlin']"
-
-        first = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly"))
-        assert first["state"] == "COMPLETED", first["logs"][-3000:]
-        assert json.loads((project / "reports" / "register.json").read_text())["version"] == "1"
-        lock = (project / "dvc.lock").read_text()
-
-        second = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly"))
-        assert second["state"] == "COMPLETED", second["logs"][-3000:]
-        assert all(f"stage {stage} skipped" in second["logs"] for stage in STAGES)
-        assert len(mlflow_client(project).search_model_versions("name='tiny'")) == 1
-        assert (project / "dvc.lock").read_text() == lock
+        yield env
     finally:
-        for process in (served, server):
-            if process is not None:
-                stop(process)
-    shutil.rmtree(tmp_path / "prefect_home", ignore_errors=True)
+        stop(server)
+        shutil.rmtree(tmp_path / "prefect_home", ignore_errors=True)
+
+
+def background(command: list[str], cwd, env: dict, log) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def test_served_deployment_runs_through_the_api(project, tmp_path):
+    with prefect_server(tmp_path) as env:
+        served = background([str(BIN / "bertflow-flow"), "serve", "--root", str(project)], project, env,
+                            tmp_path / "serve.log")
+        try:
+            def deployed():
+                assert served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                try:
+                    return api_call(DEPLOYMENT, env, "bertflow/tiny-nightly")
+                except AssertionError:
+                    return False
+            assert wait_for(deployed, 180, "the deployment") == "['0 3 * * * Europe/Berlin']"
+
+            first = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly"))
+            assert first["state"] == "COMPLETED", first["logs"][-3000:]
+            assert json.loads((project / "reports" / "register.json").read_text())["version"] == "1"
+            lock = (project / "dvc.lock").read_text()
+
+            second = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly"))
+            assert second["state"] == "COMPLETED", second["logs"][-3000:]
+            assert all(f"stage {stage} skipped" in second["logs"] for stage in STAGES)
+            assert len(mlflow_client(project).search_model_versions("name='tiny'")) == 1
+            assert (project / "dvc.lock").read_text() == lock
+        finally:
+            stop(served)
+
+
+POOL_RUNS = """
+import json, sys
+from prefect import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+with get_client(sync_client=True) as client:
+    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[sys.argv[1]])))
+print(json.dumps(sorted([r.parameters["stage"], r.state.type.value] for r in runs)))
+"""
+
+
+def test_training_stages_run_on_a_work_pool(project, tmp_path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["distributed"] = {"work_pool": "training", "deployment": "tiny-training"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with prefect_server(tmp_path) as env:
+        sh(str(BIN / "prefect"), "work-pool", "create", "training", "--type", "process", cwd=project, env=env)
+        deployed = sh(str(BIN / "bertflow-flow"), "deploy-training", "--root", str(project), cwd=project, env=env)
+        assert "bertflow-stage/tiny-training" in deployed.stdout
+        worker = background([str(BIN / "prefect"), "worker", "start", "--pool", "training"], project, env,
+                            tmp_path / "worker.log")
+        try:
+            run = sh(str(BIN / "bertflow-flow"), "run", "--root", str(project), cwd=project, env=env, check=False)
+            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + \
+                (tmp_path / "worker.log").read_text()[-3000:]
+        finally:
+            stop(worker)
+        pooled = json.loads(api_call(POOL_RUNS, env, "tiny-training"))
+    assert pooled == [["finetune", "COMPLETED"], ["pretrain", "COMPLETED"]]
+    assert "pretrain@training" in run.stdout + run.stderr
+    assert (project / "artifacts" / "classifier" / "config.json").is_file()
+    assert json.loads((project / "reports" / "register.json").read_text())["version"] == "1"
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout  # one record, wherever the stage ran

@@ -1,0 +1,190 @@
+"""pretrain and finetune under torchrun (2 CPU processes, gloo) against 1 process with the same global batch.
+
+Equivalence runs in fp32 without dropout (dropout draws differ per process by design), so the only
+differences left are the order of floating-point sums: every logged loss must agree within 1e-4.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from tasks import distributed as dd
+from tasks import training as tr
+from tests.conftest import REPO
+
+SAME_MATHS = {"bf16": False, "compile_loss": False}
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def params_file(folder, pretrain: dict, finetune: dict, processes: int):
+    """params.tiny.yaml with overrides, written into ``folder`` (its source paths made absolute)."""
+    params = yaml.safe_load((REPO / "params.tiny.yaml").read_text())
+    for source in params["ingest"]["corpus"]["sources"]:
+        source["path"] = str((REPO / source["path"]).resolve())
+    for split in ("train", "dev", "test"):
+        params["ingest"]["labeled"][split] = str((REPO / params["ingest"]["labeled"][split]).resolve())
+    params["pretrain"].update(pretrain)
+    params["finetune"].update(finetune)
+    params["distributed"] = {"nproc_per_node": processes}
+    path = folder / f"params-{processes}.yaml"
+    path.write_text(yaml.safe_dump(params), encoding="utf-8")
+    return path
+
+
+def run_cli(params, root, stage: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "--params", str(params), "--root", str(root), stage],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def rows(path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def copy_root(tiny_run, path, names=("data", "artifacts/tokenizer")):
+    for name in names:
+        shutil.copytree(tiny_run / name, path / name)
+    return path
+
+
+# ---------------------------------------------------------------- pure
+
+
+def test_rank_shares_partition_every_global_batch():
+    order = tr.epoch_order(list(range(100)) * 3, 16, seed=1, epoch=0)
+    for start in range(0, len(order) - 15, 16):
+        batch = order[start:start + 16]
+        shares = [dd.rank_share(batch, dd.World(size=4, rank=r)) for r in range(4)]
+        assert sorted(i for share in shares for i in share) == sorted(batch)
+    seen = [i for start in range(0, len(order) - 15, 16) for r in range(2)
+            for i in dd.rank_share(order[start:start + 16], dd.World(size=2, rank=r))]
+    assert len(seen) == len(set(seen))  # no sample twice in an epoch, across ranks
+
+
+def test_a_batch_that_does_not_split_is_refused():
+    with pytest.raises(Exception, match="pretrain.batch_size=10 does not split over 4 processes"):
+        dd.per_rank(10, dd.World(size=4), "pretrain.batch_size")
+
+
+def test_torchrun_command_for_one_node_and_for_many():
+    from tasks.params import DistributedParams
+
+    one = dd.launch_command(DistributedParams(nproc_per_node=2), ["pretrain"])
+    assert "--standalone" in one and "--nproc-per-node=2" in one and one[-3:] == ["-m", "tasks.cli", "pretrain"]
+    many = dd.launch_command(DistributedParams(nproc_per_node=8, nnodes=2, rdzv_endpoint="head:29400"), ["finetune"])
+    assert "--nnodes=2" in many and "--rdzv-endpoint=head:29400" in many and "--standalone" not in many
+    with pytest.raises(Exception, match="rdzv_endpoint"):
+        dd.launch_command(DistributedParams(nnodes=2), ["pretrain"])
+
+
+# ---------------------------------------------------------------- two processes against one
+
+
+def pretrain_overrides(**changes) -> dict:
+    model = yaml.safe_load((REPO / "params.tiny.yaml").read_text())["pretrain"]["model"]
+    return {**SAME_MATHS, "max_steps": 12, "log_every": 1, "eval_every": 100, "batch_size": 16,
+            "checkpoint_every_steps": 6, "model": {**model, **NO_DROPOUT}, **changes}
+
+
+@pytest.fixture(scope="module")
+def pretrained_both_ways(tiny_run, tmp_path_factory):
+    overrides = pretrain_overrides()
+    roots = {}
+    for processes in (1, 2):
+        root = copy_root(tiny_run, tmp_path_factory.mktemp(f"pretrain{processes}"))
+        run_cli(params_file(root, overrides, {}, processes), root, "pretrain")
+        roots[processes] = root
+    return roots
+
+
+def test_two_processes_pretrain_like_one(pretrained_both_ways):
+    one, two = (rows(pretrained_both_ways[n] / "reports" / "pretrain" / "train.csv") for n in (1, 2))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [str(s) for s in range(1, 13)]
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "mlm_loss", "nsp_loss"):
+            assert abs(float(a[key]) - float(b[key])) < 1e-4, (a["step"], key, a[key], b[key])
+    assert float(one[-1]["mlm_loss"]) < float(one[0]["mlm_loss"])  # it did learn
+    reports = [json.loads((pretrained_both_ways[n] / "reports" / "pretrain.json").read_text()) for n in (1, 2)]
+    assert [r["processes"] for r in reports] == [1, 2]
+    assert reports[0]["tokens"] == reports[1]["tokens"]  # the same global batches, all ranks counted
+    weights = [load_file(pretrained_both_ways[n] / "artifacts" / "pretrained" / "model.safetensors") for n in (1, 2)]
+    worst = max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
+    assert worst < 1e-3, worst
+
+
+def test_only_rank_zero_writes(pretrained_both_ways):
+    root = pretrained_both_ways[2]
+    checkpoints = sorted(p.name for p in (root / "artifacts" / "pretrain_checkpoints").glob("step-*"))
+    assert checkpoints == ["step-00000006", "step-00000012"]
+    assert len(rows(root / "reports" / "pretrain" / "train.csv")) == 12  # one writer: no doubled rows
+
+
+def test_two_processes_finetune_like_one(pretrained_both_ways, tmp_path):
+    overrides = {"bf16": False, "epochs": 1, "classifier_dropout": 0.0, "encoder_dropout": 0.0,
+                 "random_init_ablation": False, "batch_size": 32}
+    figures = []
+    for processes in (1, 2):
+        root = copy_root(pretrained_both_ways[1], tmp_path / str(processes), ("data", "artifacts"))
+        run_cli(params_file(root, {}, overrides, processes), root, "finetune")
+        figures.append(json.loads((root / "reports" / "finetune.json").read_text()))
+    one, two = (f["pretrained"]["history"][-1] for f in figures)
+    assert one["step"] == two["step"] > 0
+    assert abs(one["train_loss"] - two["train_loss"]) < 1e-4, (one, two)
+    assert abs(one["dev_accuracy"] - two["dev_accuracy"]) <= 1 / 500, (one, two)
+    assert [f["processes"] for f in figures] == [1, 2]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), found before any is killed."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_weights(tiny_run, tmp_path):
+    overrides = pretrain_overrides(max_steps=80, checkpoint_every_steps=5)
+    whole = copy_root(tiny_run, tmp_path / "whole")
+    run_cli(params_file(whole, overrides, {}, 2), whole, "pretrain")
+
+    broken = copy_root(tiny_run, tmp_path / "broken")
+    params = params_file(broken, overrides, {}, 2)
+    launcher = subprocess.Popen([sys.executable, "-m", "tasks.cli", "--params", str(params), "--root", str(broken),
+                                 "pretrain"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    checkpoints = broken / "artifacts" / "pretrain_checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("step-*")) and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    for pid in [launcher.pid, *descendants(launcher.pid)]:  # torchrun and both ranks (their own sessions)
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    assert not (broken / "artifacts" / "pretrained").exists(), "the run ended before it could be killed"
+
+    run_cli(params, broken, "pretrain")  # the same command resumes, under DDP
+    report = json.loads((broken / "reports" / "pretrain.json").read_text())
+    assert report["resumed_from_step"] >= 5 and report["steps"] == 80
+    a, b = (load_file(root / "artifacts" / "pretrained" / "model.safetensors") for root in (whole, broken))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
