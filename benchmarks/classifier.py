@@ -32,14 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine, machine_line, write_results  # noqa: E402
+from tasks import distributed as dd  # noqa: E402
 from tasks import training as tr  # noqa: E402
-from tasks.finetune import encode, read_split  # noqa: E402
+from tasks.finetune import classification_step, encode, read_split  # noqa: E402
 from tasks.io import InputError, read_json  # noqa: E402
 from tasks.model import construct_config, load_classifier  # noqa: E402
 from tasks.params import FinetuneParams, load_params  # noqa: E402
@@ -100,16 +100,11 @@ class FinetuneSide:
         batch = self.train.batch(self.order[self.cursor:self.cursor + self.batch_size], self.pad_id)
         self.cursor += self.batch_size
         started = time.perf_counter()
-        if self.bertflow:
-            with tr.autocast(self.bf16):
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    token_type_ids=batch["token_type_ids"]).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"])
-        else:
-            loss = self.model(**batch).loss
-        loss.backward()
-        if self.bertflow:
+        if self.bertflow:  # the finetune stage's own step
+            classification_step(self.model, batch, None, self.bf16, dd.World())
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        else:
+            self.model(**batch).loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if measure:

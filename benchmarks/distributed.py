@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine, machine_line, write_results  # noqa: E402
+from tasks.params import write_params_copy  # noqa: E402
 
 BIGGER_NODE = ("# one node, 8 processes: in params.yaml (GPU placement and nccl are not built yet)\n"
              "distributed: {nproc_per_node: 8}\n"
@@ -39,17 +40,10 @@ BIGGER_NODE = ("# one node, 8 processes: in params.yaml (GPU placement and nccl 
 
 
 def scratch_params(folder: Path, processes: int, steps: int) -> Path:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for source in params["ingest"]["corpus"]["sources"]:
-        source["path"] = str((REPO / source["path"]).resolve())
-    for split in ("train", "dev", "test"):
-        params["ingest"]["labeled"][split] = str((REPO / params["ingest"]["labeled"][split]).resolve())
-    params["pretrain"].update({"max_steps": steps, "budget_minutes": None, "eval_every": 10 * steps,
-                               "eval_instances": 64, "checkpoint_every_minutes": None})
-    params["distributed"] = {"nproc_per_node": processes}
-    path = folder / f"params-{processes}.yaml"
-    path.write_text(yaml.safe_dump(params), encoding="utf-8")
-    return path
+    return write_params_copy(REPO / "params.yaml", folder / f"params-{processes}.yaml", {
+        "pretrain": {"max_steps": steps, "budget_minutes": None, "eval_every": 10 * steps, "eval_instances": 64,
+                     "checkpoint_every_minutes": None},
+        "distributed": {"nproc_per_node": processes}})
 
 
 def pretrain_once(processes: int, steps: int, scratch: Path) -> dict:

@@ -31,7 +31,6 @@ BACKEND = "BERTFLOW_BACKEND"
 class World:
     size: int = 1
     rank: int = 0
-    local_rank: int = 0
 
     @property
     def main(self) -> bool:
@@ -54,7 +53,7 @@ def init_world() -> World:
         return World()
     if not dist.is_initialized():
         dist.init_process_group(backend(os.environ.get(BACKEND, "auto")))
-    return World(size=dist.get_world_size(), rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    return World(size=dist.get_world_size(), rank=dist.get_rank())
 
 
 def leave_world(world: World) -> None:
@@ -72,12 +71,11 @@ def wrap(module: torch.nn.Module, world: World) -> torch.nn.Module:
     return DistributedDataParallel(module)
 
 
-def per_rank(global_batch: int, world: World, what: str) -> int:
-    """The per-rank share of a global batch; the global batch stays what params.yaml says."""
+def check_split(global_batch: int, world: World, what: str) -> None:
+    """A global batch (what params.yaml says) must split evenly over the processes."""
     if global_batch % world.size:
         raise InputError(f"{what}={global_batch} does not split over {world.size} processes; "
                          f"make it a multiple of the world size")
-    return global_batch // world.size
 
 
 def rank_share(indices: Sequence[int], world: World) -> list[int]:
@@ -114,9 +112,9 @@ def all_reduce(values: Sequence[float], world: World, mean: bool) -> list[float]
     return tensor.tolist()
 
 
-def barrier(world: World) -> None:
-    if world.distributed:
-        dist.barrier()
+def open_checkpoints(store, world: World):
+    """Rank 0 opens the checkpoint store (it may clear or claim it); every rank gets the checkpoint to resume."""
+    return broadcast_object(store.open() if world.main else None, world)
 
 
 # ---------------------------------------------------------------- launching

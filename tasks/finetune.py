@@ -170,9 +170,9 @@ def classification_step(forward, batch: dict, weights: torch.Tensor | None, bf16
                          token_type_ids=batch["token_type_ids"]).logits
     loss = F.cross_entropy(logits.float(), batch["labels"], weight=weights)
     mass = float(weights[batch["labels"]].sum()) if weights is not None else float(len(batch["labels"]))
-    total = dd.all_reduce([mass], world, mean=False)[0]
+    total, loss_sum = dd.all_reduce([mass, loss.item() * mass], world, mean=False)  # one collective per step
     (loss * (mass * world.size / total)).backward()
-    return dd.all_reduce([loss.item() * mass], world, mean=False)[0] / total
+    return loss_sum / total
 
 
 def _end_epoch(model, dev, params, pad_id, state: FinetuneState, best, curve, lr, bf16):
@@ -215,7 +215,7 @@ def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], 
                  paths: Paths, tokenizer, world: dd.World) -> tuple[object, dict]:
     """Fine-tune one classifier (from ``source`` weights, or its architecture at random)."""
     tr.set_threads(params.num_threads)
-    dd.per_rank(params.batch_size, world, "finetune.batch_size")
+    dd.check_split(params.batch_size, world, "finetune.batch_size")
     torch.manual_seed(params.seed)
     model = load_classifier(source, labels, params.classifier_dropout, random_init=random_init,
                             encoder_dropout=params.encoder_dropout)
@@ -230,10 +230,10 @@ def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], 
                                                          "keep_checkpoints", "num_threads", "random_init_ablation"}),
                    "rows": {"train": len(train.labels), "dev": len(dev.labels)}}
     store = tr.CheckpointStore(paths.finetune_checkpoints / name, fingerprint, params.keep_checkpoints)
-    latest = dd.broadcast_object(store.open() if world.main else None, world)
+    latest = dd.open_checkpoints(store, world)
     saved = store.load(latest) if latest else None
-    curve = tr.MetricsLog(paths.reports / "finetune" / f"{name}.csv", EPOCH_FIELDS,
-                          saved["loop"]["step"] if saved else None) if world.main else tr.NullLog()
+    curve = tr.metrics_log(paths.reports / "finetune" / f"{name}.csv", EPOCH_FIELDS,
+                           saved["loop"]["step"] if saved else None, world.main)
     summary = train_classifier(model, train, dev, params, tokenizer.pad_token_id, store, curve,
                                tr.use_bf16(params.bf16), saved, world)
     return model, {**summary, "resumed_from_step": saved["loop"]["step"] if saved else 0, "store": store}

@@ -284,6 +284,19 @@ def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Pa
         raise ParamsError(_format_errors(path, exc)) from None
 
 
+def write_params_copy(source: str | Path, target: Path, sections: dict[str, dict]) -> Path:
+    """``source`` validated, ``sections`` merged over its sections, written to ``target``.
+
+    Paths come out absolute (validation resolved them), so the copy works from any folder: what
+    tests and benchmarks use to run a profile with changes in a scratch root.
+    """
+    raw = load_params(source).model_dump(mode="json")
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    target.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return target
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")

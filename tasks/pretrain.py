@@ -298,7 +298,7 @@ def run(params: PretrainParams, paths: Paths) -> dict:
     threads = tr.set_threads(params.num_threads)
     tokenizer = load_tokenizer(paths.tokenizer)
     train_batches, eval_batches, info = load_data(paths, tokenizer, params)
-    dd.per_rank(params.batch_size, world, "pretrain.batch_size")
+    dd.check_split(params.batch_size, world, "pretrain.batch_size")
     config = construct_config(params.model, len(tokenizer), tokenizer.pad_token_id)
     check_positions(config, info["params"]["max_seq_length"], "pretrain.model.max_position_embeddings")
     model = construct_pretraining_model(config, params.seed, params.attention)
@@ -306,10 +306,9 @@ def run(params: PretrainParams, paths: Paths) -> dict:
                          eps=params.adam_epsilon)
     fingerprint = run_fingerprint(params, config, info)
     store = tr.CheckpointStore(paths.pretrain_checkpoints, fingerprint, params.keep_checkpoints)
-    state, resumed_from = resume(dd.broadcast_object(store.open() if world.main else None, world), model, optimizer)
-    logs = (tr.MetricsLog(paths.reports / "pretrain" / "train.csv", TRAIN_FIELDS, resumed_from),
-            tr.MetricsLog(paths.reports / "pretrain" / "eval.csv", EVAL_FIELDS, resumed_from)) if world.main \
-        else (tr.NullLog(), tr.NullLog())
+    state, resumed_from = resume(dd.open_checkpoints(store, world), model, optimizer)
+    logs = (tr.metrics_log(paths.reports / "pretrain" / "train.csv", TRAIN_FIELDS, resumed_from, world.main),
+            tr.metrics_log(paths.reports / "pretrain" / "eval.csv", EVAL_FIELDS, resumed_from, world.main))
     settings = StepSettings.from_params(params, world)
     final_eval = train(model, optimizer, train_batches, eval_batches, params, store, state, logs, settings)
     if world.main:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from tasks import distributed as dd
 from tasks import training as tr
+from tasks.params import write_params_copy
 from tests.conftest import REPO
 
 SAME_MATHS = {"bf16": False, "compile_loss": False}
@@ -29,18 +30,9 @@ NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
 def params_file(folder, pretrain: dict, finetune: dict, processes: int):
-    """params.tiny.yaml with overrides, written into ``folder`` (its source paths made absolute)."""
-    params = yaml.safe_load((REPO / "params.tiny.yaml").read_text())
-    for source in params["ingest"]["corpus"]["sources"]:
-        source["path"] = str((REPO / source["path"]).resolve())
-    for split in ("train", "dev", "test"):
-        params["ingest"]["labeled"][split] = str((REPO / params["ingest"]["labeled"][split]).resolve())
-    params["pretrain"].update(pretrain)
-    params["finetune"].update(finetune)
-    params["distributed"] = {"nproc_per_node": processes}
-    path = folder / f"params-{processes}.yaml"
-    path.write_text(yaml.safe_dump(params), encoding="utf-8")
-    return path
+    """params.tiny.yaml with overrides, written into ``folder``."""
+    return write_params_copy(REPO / "params.tiny.yaml", folder / f"params-{processes}.yaml",
+                             {"pretrain": pretrain, "finetune": finetune, "distributed": {"nproc_per_node": processes}})
 
 
 def run_cli(params, root, stage: str) -> None:
@@ -76,7 +68,7 @@ def test_rank_shares_partition_every_global_batch():
 
 def test_a_batch_that_does_not_split_is_refused():
     with pytest.raises(Exception, match="pretrain.batch_size=10 does not split over 4 processes"):
-        dd.per_rank(10, dd.World(size=4), "pretrain.batch_size")
+        dd.check_split(10, dd.World(size=4), "pretrain.batch_size")
 
 
 def test_torchrun_command_for_one_node_and_for_many():
