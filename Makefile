@@ -32,7 +32,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	ruff check tasks flows tests benchmarks
 
-# All performance benchmarks (data stages, pretraining, classifier, DDP) and the README's table; ~17 min.
+# All performance benchmarks (data stages, pretraining, classifier, variants, DDP) and the README's table; ~20 min.
 bench: $(STAMP)
 	python benchmarks/run.py
 

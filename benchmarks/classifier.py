@@ -151,7 +151,7 @@ def served_model(folder: Path, scratch: Path):
     shutil.copytree(folder, Paths(root).classifier)
     with mlflow.start_run(experiment_id=experiment) as run:
         pass
-    uri = log_model(run.info.run_id, Paths(root), example=["a gripping, funny film"])
+    uri = log_model(run.info.run_id, Paths(root).classifier, example=["a gripping, funny film"])
     version = mlflow.register_model(uri, MODEL_NAME)
     MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version.version)
     return mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")

@@ -3,14 +3,15 @@
 Runs, one after the other as child processes of this one: ``data_stages.py`` (ingest → tokenizer →
 pretrain_data on the default corpus), ``pretraining.py`` (bertflow's pretraining step beside the
 reference, matmul peaks, ablation, profile), ``classifier.py`` (fine-tuning throughput, the
-registry-served classifier's latency and throughput) and ``distributed.py`` (the pretrain stage with
+registry-served classifier's latency and throughput), ``variants.py`` (the optimize stage's variants
+as served, beside the transformers pipeline) and ``distributed.py`` (the pretrain stage with
 1 and 2 torchrun processes). Each writes ``benchmarks/results/<name>.{json,md}``;
 this script then writes ``benchmarks/results/performance.md`` (the headline figures and every
 table) and puts the headline table into README.md between its ``benchmarks`` markers.
 
     make bench        # or: python benchmarks/run.py [--skip data_stages,...]
 
-Needs the default profile's data (``dvc repro pretrain_data``); about 17 minutes on 2 CPU cores.
+Needs the default profile's outputs (``make run``, or ``dvc repro optimize``); about 20 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS, machine_line  # noqa: E402
 
-BENCHMARKS = ("data_stages", "pretraining", "classifier", "distributed")
+BENCHMARKS = ("data_stages", "pretraining", "classifier", "variants", "distributed")
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -39,7 +40,7 @@ def load(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
 
 
-def headline(pre: dict, cls: dict, data: dict, ddp: dict) -> str:
+def headline(pre: dict, cls: dict, data: dict, ddp: dict, variants: dict) -> str:
     """The figures the targets are about, in one table."""
     rows = {(r["config"], r["vocab_size"]): r for r in pre["rows"]}
     mini = rows[("BERT-Mini", 30522)]
@@ -63,6 +64,14 @@ def headline(pre: dict, cls: dict, data: dict, ddp: dict) -> str:
         f"{sv['bertflow']['batch64_texts_per_second']} | |",
         f"| data stages (ingest + tokenizer + pretrain_data), {data['corpus_mb']:.0f} M chars, s | | "
         f"{data_seconds:.0f} | |"]
+    sides = variants["sides"]
+    reference = sides["reference (transformers pipeline)"]
+    for name, row in sides.items():
+        if name.startswith("reference"):
+            continue
+        lines.append(f"| served {name}, texts/s at batch 1 (p50 ms; test accuracy {row.get('accuracy', '?')}) | "
+                     f"{reference['throughput_b1']} ({reference['latency_p50_ms_b1']}) | {row['throughput_b1']} "
+                     f"({row['latency_p50_ms_b1']}) | {row['throughput_b1'] / reference['throughput_b1']:.2f}× |")
     one, many = ddp["runs"]["1"], ddp["runs"][str(ddp["args"]["processes"])]
     lines.append(f"| pretrain stage, 1 process vs {ddp['args']['processes']} DDP processes (same cores), tokens/s | "
                  f"{one['tokens_per_second']:,} | {many['tokens_per_second']:,} | "
@@ -90,9 +99,10 @@ def main() -> None:
         if name not in skip:
             run_benchmark(name)
     results = {name: load(name) for name in BENCHMARKS}
-    table = headline(results["pretraining"], results["classifier"], results["data_stages"], results["distributed"])
-    sections = [(RESULTS / f"{name}.md").read_text() for name in ("pretraining", "classifier", "distributed",
-                                                                   "data_stages")]
+    table = headline(results["pretraining"], results["classifier"], results["data_stages"], results["distributed"],
+                     results["variants"])
+    sections = [(RESULTS / f"{name}.md").read_text() for name in ("pretraining", "classifier", "variants",
+                                                                   "distributed", "data_stages")]
     (RESULTS / "performance.md").write_text("# Performance\n\n" + table + "\n" + "\n".join(sections))
     update_readme(table)
     print(table)

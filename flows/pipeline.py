@@ -1,4 +1,5 @@
-"""The pipeline as a Prefect 3 flow: ingest → tokenizer → pretrain_data → pretrain → finetune → evaluate → register.
+"""The pipeline as a Prefect 3 flow: ingest → tokenizer → pretrain_data → pretrain → finetune → evaluate →
+optimize → register.
 
 Each task runs its stage through DVC (``dvc repro --single-item <stage>``), i.e. the very
 ``bertflow <stage>`` command of dvc.yaml, so the two drivers share one record of what was built
@@ -57,7 +58,7 @@ from tasks import tracking  # noqa: E402
 from tasks.paths import Paths  # noqa: E402
 from tasks.tracking import prefect_flow_run_id  # noqa: E402
 
-STAGES = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "register")
+STAGES = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "optimize", "register")
 POOLED = ("pretrain", "finetune")  # the stages a training work pool takes, when params name one
 STAGE_FLOW = "bertflow-stage"
 # I/O-bound stages are retried (remote sources may hiccup), training never, and bad input never: it
@@ -210,6 +211,8 @@ def summary_markdown(root: Path, outcomes: list[dict], pushed: str) -> str:
         f"- decision: **{registered.get('decision', '–')}** ({registered.get('reason', '–')})"
         + ("" if registry_ran else " — from an earlier run; nothing new was registered"),
         f"- model: `{registered.get('model_uri', '–')}` (aliases: {', '.join(registered.get('aliases', [])) or '–'})",
+        f"- fast: {(registered.get('fast') or {}).get('variant') or '–'} "
+        f"({(registered.get('fast') or {}).get('reason', '–')})",
         f"- MLflow run: `{registered.get('run_id', '–')}` at {registered.get('tracking_uri', '–')}", "",
         "## Revisions", "",
         f"- git: {git_revision(root)}",

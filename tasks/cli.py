@@ -28,6 +28,7 @@ STAGES = {
     "pretrain": "pretrain BERT (MLM + NSP) into artifacts/pretrained",
     "finetune": "fine-tune the classifier into artifacts/classifier (+ the random-init ablation)",
     "evaluate": "test-set figures, held-out MLM figures and baselines into reports/evaluate",
+    "optimize": "int8, ONNX, distilled and pruned variants of the classifier, measured, into artifacts/optimized",
     "register": "track the run in MLflow and register the classifier (challenger/champion)",
 }
 DISTRIBUTED = ("pretrain", "finetune")  # the stages that run under torchrun when params ask for it

@@ -205,6 +205,56 @@ class EvaluateParams(Section):
     num_threads: int | None = Field(2, ge=1, description="fixed, so figures are identical from run to run")
 
 
+VARIANTS = ("int8", "onnx", "onnx_int8", "student", "pruned")
+
+
+class StudentParams(Section):
+    """The distilled student's shape; null keeps the teacher's value."""
+
+    num_hidden_layers: int | None = Field(2, ge=1, le=48, description="null: the teacher's depth")
+    hidden_size: int | None = Field(None, ge=8, description="null: the teacher's width")
+    num_attention_heads: int | None = Field(None, ge=1)
+    intermediate_size: int | None = Field(None, ge=8)
+    init: Literal["pretrained", "teacher", "random"] = Field(
+        "pretrained", description="weights copied where shapes allow: artifacts/pretrained, the teacher, or none")
+
+
+class DistillParams(Section):
+    student: StudentParams = StudentParams()
+    temperature: float = Field(2.0, gt=0, description="softens teacher and student outputs in the soft loss")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft (teacher) loss; 1 - alpha: true labels")
+    unlabeled_sentences: int = Field(0, ge=0, description="extra corpus sentences labeled by the teacher only")
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    log_every: int = Field(50, ge=1)
+    seed: int = 42
+
+
+class PruneParams(Section):
+    sparsity: float = Field(0.5, gt=0, lt=1, description="share of the encoder's linear weights set to zero")
+    recovery_steps: int = Field(300, ge=0, description="fine-tuning steps with the pruning mask held")
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    seed: int = 42
+
+
+class OptimizeParams(Section):
+    variants: list[Literal[VARIANTS]] = Field(list(VARIANTS), description=f"which of {', '.join(VARIANTS)}")
+    onnx_opset: int = Field(17, ge=13)
+    onnx_tolerance: float = Field(1e-4, gt=0, description="largest |ONNX - PyTorch| probability allowed (fp32)")
+    distill: DistillParams = DistillParams()
+    prune: PruneParams = PruneParams()
+    latency_sentences: int = Field(300, ge=10, description="test sentences timed one at a time (batch 1)")
+    throughput_batch_size: int = Field(64, ge=1)
+    rounds: int = Field(3, ge=1, description="interleaved timing rounds over all variants")
+    num_threads: int | None = Field(2, ge=1, description="threads of every runtime while timing")
+    max_seq_length: int | None = Field(
+        None, ge=8, description="training length of the student and pruned model (null: the classifier's, as served)")
+
+
 class RegisterParams(Section):
     model_name: str = Field("bertflow-classifier", min_length=1, description="registered model name")
     experiment: str = Field("bertflow", min_length=1, description="MLflow experiment of the pipeline runs")
@@ -215,6 +265,8 @@ class RegisterParams(Section):
     retries: int = Field(3, ge=0, description="further attempts when the registry does not answer")
     backoff_seconds: float = Field(2.0, ge=0, description="wait before the first retry; doubled each time")
     timeout_seconds: float = Field(30.0, gt=0, description="HTTP timeout of one registry request")
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, le=1, description="alias `fast`: the quickest variant at most this far below the champion")
 
 
 class ScheduleParams(Section):
@@ -267,6 +319,7 @@ class Params(Section):
     pretrain: PretrainParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
+    optimize: OptimizeParams
     register: RegisterParams
     schedule: ScheduleParams = ScheduleParams()
     distributed: DistributedParams = DistributedParams()

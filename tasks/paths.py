@@ -51,6 +51,11 @@ class Paths:
         return self.root / "artifacts" / "finetune_checkpoints"
 
     @property
+    def optimized(self) -> Path:
+        """Faster variants of the classifier, one folder each (``bertflow optimize``)."""
+        return self.root / "artifacts" / "optimized"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 

@@ -27,7 +27,7 @@ from tasks.paths import Paths
 log = logging.getLogger(__name__)
 WHOLE_PARAMS = True  # run() takes every section: the pipeline run logs all of them
 SERVING_CODE = Path(__file__).with_name("serving.py")
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHAMPION, CHALLENGER, FAST = "champion", "challenger", "fast"
 
 
 class RegistryError(InputError):
@@ -61,6 +61,28 @@ def promotion(new: Standing, champion: Standing | None, metric: str, min_delta: 
                         f"({champion.value:.5f}) by more than 0 and at least min_delta {min_delta}")
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A registered form of the classifier (``fp32`` is the classifier itself) and its measured figures."""
+
+    name: str
+    version: str
+    accuracy: float
+    throughput_b1: float
+
+
+def fast_choice(variants: list[Variant], champion_accuracy: float, max_drop: float) -> tuple[Variant | None, str]:
+    """The quickest variant (batch-1 throughput) whose accuracy is at most ``max_drop`` below the champion's."""
+    eligible = [v for v in variants if round(champion_accuracy - v.accuracy, 9) <= max_drop]
+    if not eligible:
+        return None, f"no variant within max_accuracy_drop {max_drop} of the champion's accuracy {champion_accuracy}"
+    best = max(eligible, key=lambda v: v.throughput_b1)
+    left_out = sorted(v.name for v in variants if v not in eligible)
+    return best, (f"{best.name} v{best.version}: {best.throughput_b1:g} texts/s at batch 1, accuracy "
+                  f"{best.accuracy:.5f} (champion {champion_accuracy:.5f}, max_accuracy_drop {max_drop})"
+                  + (f"; over the budget: {', '.join(left_out)}" if left_out else ""))
+
+
 def data_fingerprint(texts: list[str], labels: list[str]) -> str:
     """sha256 over the test rows' texts and label names: the same data wherever it lives."""
     digest = hashlib.sha256()
@@ -89,7 +111,8 @@ def model_card(name: str, version: str | None, params: dict, reports: dict, line
         "```python", "import mlflow",
         f'model = mlflow.pyfunc.load_model("models:/{name}@champion")',
         'model.predict(["a charming and often affecting journey"])  # label + score_<label> per class',
-        "```", "Needs only mlflow, torch and transformers.", "",
+        f'fast = mlflow.pyfunc.load_model("models:/{name}@fast")  # quickest variant within the accuracy budget',
+        "```", "Needs mlflow and tokenizers, plus torch and transformers (PyTorch variants) or onnxruntime (ONNX).", "",
         "## Data", "",
         f"- Pretraining corpus: {_get(corpus, 'train', 'documents')} documents, {_get(corpus, 'train', 'sentences')} "
         f"sentences (train); {_get(corpus, 'heldout', 'documents')} documents held out.",
@@ -111,10 +134,27 @@ def model_card(name: str, version: str | None, params: dict, reports: dict, line
         f"| this model | {test.get('accuracy', '?')} | {test.get('macro_f1', '?')} |",
         *[f"| baseline: {key} | {value.get('accuracy')} | {value.get('macro_f1')} |"
           for key, value in baselines.items()], "",
+        *variant_table(reports.get("optimize", {})),
         "## Lineage", "",
         *[f"- {key}: `{value}`" for key, value in sorted(lineage.items())], "",
     ]
     return "\n".join(lines)
+
+
+def variant_table(optimize: dict) -> list[str]:
+    """The trade-off table of reports/optimize.json (empty when the stage did not run)."""
+    variants = optimize.get("variants", {})
+    if not variants:
+        return []
+    lines = ["## Variants (test split, batch-1 latency and throughput on "
+             f"{optimize.get('threads', '?')} threads)", "",
+             "| variant | runtime | accuracy | macro-F1 | p50 ms b1 | p99 ms b1 | texts/s b1 | texts/s b64 | "
+             "MB | speed-up b1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, f in variants.items():
+        lines.append(f"| {name} | {f['runtime']} | {f['accuracy']} | {f['macro_f1']} | {f['latency_p50_ms_b1']} | "
+                     f"{f['latency_p99_ms_b1']} | {f['throughput_b1']} | {f['throughput_b64']} | {f['size_mb']} | "
+                     f"{f['speedup_b1']}× |")
+    return [*lines, ""]
 
 
 def _get(mapping: dict, *keys: str):
@@ -185,28 +225,31 @@ def champion_standing(client, name: str, metric: str) -> Standing | None:
                     version.tags.get("test_data_fingerprint", ""))
 
 
-def log_model(run_id: str, paths: Paths, example: list[str]) -> str:
-    """The classifier folder as a pyfunc model (code from tasks/serving.py); returns the model URI."""
+def log_model(run_id: str, folder: Path, example: list[str], name: str = "classifier",
+              runtime: str = "torch") -> str:
+    """A model folder as a pyfunc model (code from tasks/serving.py); returns the logged model's URI."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    labels = read_json(paths.classifier / "config.json")["id2label"]
+    labels = read_json(folder / "config.json")["id2label"]
     names = [labels[str(i)] for i in range(len(labels))]
     signature = ModelSignature(Schema([ColSpec("string")]),
                                Schema([ColSpec("string", "label"), *[ColSpec("double", f"score_{n}") for n in names]]))
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="classifier", python_model=str(SERVING_CODE), artifacts={"classifier": str(paths.classifier)},
-            signature=signature, input_example=example, pip_requirements=requirements())
+            name=name, python_model=str(SERVING_CODE), artifacts={"classifier": str(folder)},
+            signature=signature, input_example=example, pip_requirements=requirements(runtime))
     return info.model_uri
 
 
-def requirements() -> list[str]:
+def requirements(runtime: str = "torch") -> list[str]:
+    """What a consumer installs: the ONNX variants need onnxruntime instead of torch and transformers."""
     from importlib.metadata import version
 
-    return [f"mlflow=={version('mlflow')}", f"torch=={version('torch').split('+')[0]}",
-            f"transformers=={version('transformers')}", f"pandas=={version('pandas')}"]
+    engine = (["onnxruntime"] if runtime == "onnxruntime" else ["torch", "transformers"])
+    return [f"{package}=={version(package).split('+')[0]}"
+            for package in ["mlflow", *engine, "tokenizers", "numpy", "pandas"]]
 
 
 def publish(client, settings: RegisterParams, params: Params, paths: Paths, figures: dict, uri: str) -> dict:
@@ -222,7 +265,7 @@ def publish(client, settings: RegisterParams, params: Params, paths: Paths, figu
     timings["tracking_seconds"] = round(time.perf_counter() - started, 2)
     try:
         started = time.perf_counter()
-        model_uri = log_model(run_id, paths, figures["example"])
+        model_uri = log_model(run_id, paths.classifier, figures["example"])
         timings["model_seconds"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
         champion = champion_standing(client, settings.model_name, settings.metric)
@@ -238,6 +281,8 @@ def publish(client, settings: RegisterParams, params: Params, paths: Paths, figu
         client.set_registered_model_alias(settings.model_name, CHALLENGER, version)
         if decision == CHAMPION:
             client.set_registered_model_alias(settings.model_name, CHAMPION, version)
+        variants = register_variants(client, settings, paths, figures, version, run_id, reports.get("optimize", {}))
+        fast = fast_alias(client, settings, variants, decision, version, figures)
         tracking.log_report_artifacts(client, run_id, paths, card)
         client.set_tag(run_id, "registered_version", f"{settings.model_name}/{version}")
         client.set_terminated(run_id)
@@ -245,13 +290,58 @@ def publish(client, settings: RegisterParams, params: Params, paths: Paths, figu
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    aliases = [CHALLENGER] + ([CHAMPION] if decision == CHAMPION else [])
+    aliases = [CHALLENGER] + ([CHAMPION] if decision == CHAMPION else []) + (
+        [FAST] if fast["version"] == version else [])
     return {"model_name": settings.model_name, "version": version, "aliases": aliases, "decision": decision,
+            "variants": {v.name: v.version for v in variants if v.name != "fp32"}, "fast": fast,
             "reason": reason, "metric": settings.metric, "value": new.value,
             "champion_before": None if champion is None else {"version": champion.version, "value": champion.value},
             "model_uri": f"models:/{settings.model_name}/{version}", "logged_model_uri": model_uri,
             "run_id": run_id, "experiment": settings.experiment, "tracking_uri": redact(uri),
             "test_data_fingerprint": figures["fingerprint"], "logging": timings}
+
+
+def register_variants(client, settings: RegisterParams, paths: Paths, figures: dict, version: str, run_id: str,
+                      optimize: dict) -> list[Variant]:
+    """Every variant of reports/optimize.json as a version of the same registered model, tagged ``variant``.
+
+    Returns them with the new fp32 version itself (variant ``fp32``), as the ``fast`` gate sees them.
+    """
+    import mlflow
+
+    measured = optimize.get("variants", {})
+    reference = measured.get("fp32", {})
+    variants = [Variant("fp32", version, figures["test"]["accuracy"], reference.get("throughput_b1", 0.0))]
+    for name, measures in measured.items():
+        folder = paths.optimized / name
+        if name == "fp32" or not folder.is_dir():
+            continue
+        uri = log_model(run_id, folder, figures["example"], f"variant-{name}", measures["runtime"])
+        tags = {f"metric.{key}": str(value) for key, value in measures.items() if isinstance(value, int | float)}
+        tags.update({"variant": name, "variant_of": version, "runtime": measures["runtime"],
+                     "test_data_fingerprint": figures["fingerprint"], "mlflow_run_id": run_id})
+        registered = str(mlflow.register_model(uri, settings.model_name, tags=tags).version)
+        client.update_model_version(settings.model_name, registered, description=(
+            f"Variant `{name}` ({measures['runtime']}) of {settings.model_name} v{version}: accuracy "
+            f"{measures['accuracy']}, {measures['speedup_b1']}× the fp32 batch-1 throughput, {measures['size_mb']} MB. "
+            f"Figures and the trade-off table: version {version}'s description."))
+        variants.append(Variant(name, registered, measures["accuracy"], measures["throughput_b1"]))
+    client.set_model_version_tag(settings.model_name, version, "variant", "fp32")
+    return variants
+
+
+def fast_alias(client, settings: RegisterParams, variants: list[Variant], decision: str, version: str,
+               figures: dict) -> dict:
+    """Point ``fast`` at the quickest form of a new champion within ``max_accuracy_drop``; a version that
+    is not champion leaves ``fast`` where it is (on a form of the standing champion)."""
+    if decision != CHAMPION:
+        return {"version": None, "variant": None, "reason": f"unchanged: v{version} is not the champion"}
+    chosen, reason = fast_choice(variants, figures["test"]["accuracy"], settings.max_accuracy_drop)
+    if chosen is None:  # cannot happen while fp32 (drop 0) is a candidate; kept for the rule's sake
+        return {"version": None, "variant": None, "reason": reason}
+    client.set_registered_model_alias(settings.model_name, FAST, chosen.version)
+    client.set_model_version_tag(settings.model_name, chosen.version, "gate.fast", reason)
+    return {"version": chosen.version, "variant": chosen.name, "reason": reason}
 
 
 def version_tags(figures: dict, new: Standing, champion: Standing | None, metric: str, decision: str, reason: str,
@@ -271,6 +361,11 @@ def version_tags(figures: dict, new: Standing, champion: Standing | None, metric
 
 def stage_inputs(paths: Paths) -> dict:
     """What the registration needs from earlier stages, checked before the registry is contacted."""
+    optimized = tracking.read_report(paths, "optimize").get("variants", {})
+    missing = [name for name in optimized if name != "fp32" and not (paths.optimized / name).is_dir()]
+    if missing:
+        raise InputError(f"{paths.optimized}: reports/optimize.json lists {', '.join(missing)} but they are not "
+                         "there; run `bertflow optimize` again")
     if not (paths.classifier / "config.json").is_file():
         raise InputError(f"{paths.classifier}: no classifier; run `bertflow finetune` first")
     evaluation = paths.report("evaluate")

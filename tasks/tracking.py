@@ -24,10 +24,11 @@ import yaml
 
 from tasks.paths import Paths
 
-STAGE_ORDER = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate")
+STAGE_ORDER = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "optimize")
 EMBEDDED_DIR = "mlruns"  # under the project root: mlflow.db (runs + registry) and artifacts/
 CURVES = {"pretrain": ("pretrain/train.csv", "pretrain/eval.csv"),
-          "finetune": ("finetune/pretrained.csv", "finetune/random_init.csv")}
+          "finetune": ("finetune/pretrained.csv", "finetune/random_init.csv"),
+          "optimize": ("optimize/distill.csv", "optimize/prune.csv")}
 
 
 # ---------------------------------------------------------------- where (pure)
@@ -187,7 +188,7 @@ def log_report_artifacts(client, run_id: str, paths: Paths, model_card: str) -> 
         report = paths.report(stage)
         if report.is_file():
             client.log_artifact(run_id, str(report), "reports")
-    for relative in [*CURVES["pretrain"], *CURVES["finetune"], "evaluate/confusion.png",
+    for relative in [*CURVES["pretrain"], *CURVES["finetune"], *CURVES["optimize"], "evaluate/confusion.png",
                      "evaluate/predictions.csv"]:
         path = paths.reports / relative
         if path.is_file():

@@ -36,6 +36,8 @@ TINY_TRAINING = {
                            "intermediate_size": 64, "max_position_embeddings": 64}, "max_steps": 10, "batch_size": 8},
     "finetune": {"max_seq_length": 32, "epochs": 1, "batch_size": 8},
     "evaluate": {},
+    "optimize": {"distill": {"student": {"num_hidden_layers": 1}, "epochs": 1}, "prune": {"recovery_steps": 5},
+                 "latency_sentences": 10, "rounds": 1},
     "register": {"model_name": "tiny", "retries": 0},
 }
 
@@ -100,6 +102,20 @@ def tiny_trained(tiny_run, tmp_path_factory):
         shutil.copytree(tiny_run / name, root / name)
     for stage in TRAINING_STAGES:
         run_stage(stage, REPO / "params.tiny.yaml", root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_optimized(tiny_trained, tmp_path_factory):
+    """A copy of ``tiny_trained`` after optimize (params.tiny.yaml: every variant)."""
+    import shutil
+
+    from tasks.cli import run_stage
+
+    root = tmp_path_factory.mktemp("tiny_optimized")
+    for name in ("data", "artifacts", "reports"):
+        shutil.copytree(tiny_trained / name, root / name, ignore=shutil.ignore_patterns("*_checkpoints"))
+    run_stage("optimize", REPO / "params.tiny.yaml", root)
     return root
 
 

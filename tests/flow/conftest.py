@@ -37,6 +37,14 @@ def write_docs(folder: Path, name: str, start: int, count: int) -> None:
     (folder / name).write_text("\n\n".join(docs) + "\n", encoding="utf-8")
 
 
+def mlflow_client(project: Path):
+    """The project's embedded MLflow store (tracking and registry)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def set_param(project: Path, section: str, key: str, value) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params[section][key] = value

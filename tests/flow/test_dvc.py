@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from tests.flow.conftest import repro, set_param, sh, write_docs
+from tests.flow.conftest import mlflow_client, repro, set_param, sh, write_docs
 
 
 def test_repro_skips_and_reruns_exactly_what_changed(project):
@@ -38,17 +38,19 @@ def test_stale_dvc_deps_are_refused(project):
 
 
 def test_whole_chain_under_dvc(project):
-    stages = ["ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "register"]
+    stages = ["ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "optimize", "register"]
     assert repro(project, "register") == stages
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
     assert repro(project, "register") == []
     set_param(project, "finetune", "learning_rate", 0.0005)
-    assert repro(project, "register") == ["finetune", "evaluate", "register"]
+    assert repro(project, "register") == ["finetune", "evaluate", "optimize", "register"]
     registered = json.loads((project / "reports" / "register.json").read_text())
-    assert registered["version"] == "2" and (project / "mlruns" / "mlflow.db").is_file()
+    assert (project / "mlruns" / "mlflow.db").is_file()
+    versions = mlflow_client(project).search_model_versions("name='tiny'")
+    assert [v.version for v in versions if v.tags.get("variant") == "fp32"] == [int(registered["version"]), 1]
     metrics = sh("dvc", "metrics", "show", "--json", cwd=project).stdout
     assert "test.accuracy" in metrics or '"accuracy"' in metrics
     plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=project).stdout)["data"]
     assert set(plots) == {"pretraining loss", "held-out MLM and NSP", "fine-tuning dev accuracy",
-                          "test confusion matrix", "reports/evaluate/confusion.png"}
+                          "test confusion matrix", "reports/evaluate/confusion.png", "distillation loss"}
     assert "mlm_accuracy" in json.dumps(plots["held-out MLM and NSP"])

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.flow.conftest import BIN, ENV, repro, set_param, sh
+from tests.flow.conftest import BIN, ENV, mlflow_client, repro, set_param, sh
 
-STAGES = ["ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "register"]
+STAGES = ["ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "optimize", "register"]
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +65,6 @@ def summary(state) -> str:
     return artifact.data
 
 
-def mlflow_client(project: Path):
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 def test_flow_and_dvc_repro_keep_one_record(project, prefect_api, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     first = flow_state(project)
@@ -101,13 +94,14 @@ def test_flow_and_dvc_repro_keep_one_record(project, prefect_api, monkeypatch):
 
     assert ran(flow_state(project)) == []  # unchanged: every stage skipped
     set_param(project, "finetune", "learning_rate", 0.0005)
-    assert repro(project, "register") == ["finetune", "evaluate", "register"]
+    assert repro(project, "register") == ["finetune", "evaluate", "optimize", "register"]
     assert ran(flow_state(project)) == []  # after dvc repro, the flow skips every stage
     changed = flow_state(project, overrides={"finetune.learning_rate": 0.0002})
-    assert ran(changed) == ["finetune", "evaluate", "register"]
+    assert ran(changed) == ["finetune", "evaluate", "optimize", "register"]
     assert "learning_rate: 0.0002" in (project / "params.yaml").read_text()
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
-    assert len(client.search_model_versions("name='tiny'")) == 3
+    versions = client.search_model_versions("name='tiny'")
+    assert sum(v.tags.get("variant") == "fp32" for v in versions) == 3  # the classifier, beside its variants
 
 
 def test_failed_stage_fails_the_run_and_the_next_run_resumes_there(project, prefect_api, monkeypatch):
@@ -133,7 +127,7 @@ def test_failed_stage_fails_the_run_and_the_next_run_resumes_there(project, pref
     assert down.is_failed()
     assert "MLflow registry at http://127.0.0.1:" in flow_logs(down, "MLflow registry at")
     status = sh("dvc", "status", cwd=project).stdout
-    assert "register:" in status and "finetune:" not in status and "evaluate:" not in status
+    assert "register:" in status and "finetune:" not in status and "optimize:" not in status
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     resumed = flow_state(project)
     assert resumed.is_completed() and ran(resumed) == ["register"]
@@ -259,7 +253,8 @@ def test_served_deployment_runs_through_the_api(project, tmp_path):
             second = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly"))
             assert second["state"] == "COMPLETED", second["logs"][-3000:]
             assert all(f"stage {stage} skipped" in second["logs"] for stage in STAGES)
-            assert len(mlflow_client(project).search_model_versions("name='tiny'")) == 1
+            versions = mlflow_client(project).search_model_versions("name='tiny'")
+            assert [v.tags.get("variant") for v in versions].count("fp32") == 1  # nothing new registered
             assert (project / "dvc.lock").read_text() == lock
         finally:
             stop(served)

@@ -13,14 +13,26 @@ from pathlib import Path
 
 import pytest
 
-from tasks.register import CHALLENGER, CHAMPION, Standing, data_fingerprint, promotion, redact
+from tasks.params import VARIANTS
+from tasks.register import (
+    CHALLENGER,
+    CHAMPION,
+    FAST,
+    Standing,
+    Variant,
+    data_fingerprint,
+    fast_choice,
+    promotion,
+    redact,
+)
 from tasks.tracking import dvc_lock_hashes, flatten, numeric, read_curve
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
 CONSUMER = """
 import sys
-sys.modules["tasks"] = None  # a consumer has mlflow, torch and transformers, not bertflow
+for blocked in ["tasks", *sys.argv[4:]]:  # a consumer has mlflow and a runtime, never bertflow
+    sys.modules[blocked] = None
 import json, mlflow
 mlflow.set_tracking_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model(sys.argv[2])
@@ -42,6 +54,17 @@ def test_promotion_rule():
     assert promotion(new, Standing("3", 0.78, "abc"), "accuracy", 0.02)[0] == CHAMPION
     assert promotion(new, Standing("3", 0.80, "abc"), "accuracy", 0.0)[0] == CHALLENGER  # a tie is no win
     assert promotion(new, Standing("3", 0.81, "abc"), "accuracy", 0.0)[0] == CHALLENGER
+
+
+def test_fast_rule_takes_the_quickest_variant_within_the_accuracy_budget():
+    variants = [Variant("fp32", "1", 0.80, 100.0), Variant("int8", "2", 0.795, 150.0),
+                Variant("onnx_int8", "3", 0.785, 400.0), Variant("student", "4", 0.79, 300.0)]
+    chosen, reason = fast_choice(variants, 0.80, 0.01)
+    assert chosen.name == "student" and "over the budget: onnx_int8" in reason  # quicker, but 1.5 points down
+    assert fast_choice(variants, 0.80, 0.02)[0].name == "onnx_int8"
+    assert fast_choice(variants, 0.80, 0.0)[0].name == "fp32"
+    assert fast_choice([Variant("a", "5", 0.70, 1.0)], 0.80, 0.01)[0] is None
+    assert fast_choice([Variant("b", "6", 0.79, 1.0)], 0.80, 0.01)[0].name == "b"  # exactly at the budget
 
 
 def test_fingerprint_depends_on_content_only():
@@ -87,9 +110,10 @@ def register(root: Path, env: dict | None = None) -> subprocess.CompletedProcess
                           capture_output=True, text=True, env=environment, timeout=600)
 
 
-def consume(uri: str, model_uri: str, texts: list[str]) -> dict:
-    result = subprocess.run([sys.executable, "-c", CONSUMER, uri, model_uri, json.dumps(texts)], capture_output=True,
-                            text=True, timeout=600, cwd="/")
+def consume(uri: str, model_uri: str, texts: list[str], blocked: tuple[str, ...] = ()) -> dict:
+    """What a fresh process without bertflow (and without the ``blocked`` modules) gets from the model."""
+    result = subprocess.run([sys.executable, "-c", CONSUMER, uri, model_uri, json.dumps(texts), *blocked],
+                            capture_output=True, text=True, timeout=600, cwd="/")
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -99,7 +123,8 @@ def test_register_tracks_gates_and_serves(trained_copy):
     first = register(root)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((root / "reports" / "register.json").read_text())
-    assert (report["version"], report["decision"], report["aliases"]) == ("1", CHAMPION, [CHALLENGER, CHAMPION])
+    # no optimize report here: the classifier itself is the only form, so `fast` is the champion too
+    assert (report["version"], report["decision"], report["aliases"]) == ("1", CHAMPION, [CHALLENGER, CHAMPION, FAST])
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     client = client_for(uri)
 
@@ -112,7 +137,7 @@ def test_register_tracks_gates_and_serves(trained_copy):
         "test"]["accuracy"]
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert {c.data.tags["stage"] for c in children} == {"ingest", "tokenizer", "pretrain_data", "pretrain",
-                                                         "finetune", "evaluate"}
+                                                         "finetune", "evaluate", "optimize"}
     pretrain_run = next(c for c in children if c.data.tags["stage"] == "pretrain")
     curve = client.get_metric_history(pretrain_run.info.run_id, "train.loss")
     assert len(curve) > 2 and len({m.step for m in curve}) == len(curve)
@@ -149,6 +174,7 @@ def test_register_tracks_gates_and_serves(trained_copy):
     client.set_model_version_tag("bertflow-tiny", "1", "metric.accuracy", "0.0")
     assert register(root).returncode == 0
     assert str(client.get_model_version_by_alias("bertflow-tiny", CHAMPION).version) == "4"
+    assert str(client.get_model_version_by_alias("bertflow-tiny", FAST).version) == "4"  # a new champion's form
 
     # consumption: a fresh process without bertflow predicts what evaluate saved
     import pandas as pd
@@ -161,6 +187,45 @@ def test_register_tracks_gates_and_serves(trained_copy):
         assert difference <= 1e-5, column
     frame_input = consume(uri, "models:/bertflow-tiny@champion", saved["text"].tolist()[:3])
     assert frame_input["label"] == saved["predicted"].tolist()[:3]
+
+
+def test_variants_are_versions_and_fast_never_goes_over_the_budget(tiny_optimized, tmp_path):
+    root = tmp_path / "project"
+    for name in ("data", "artifacts", "reports"):
+        shutil.copytree(tiny_optimized / name, root / name, ignore=shutil.ignore_patterns("*_checkpoints"))
+    path = root / "reports" / "optimize.json"
+    optimize = json.loads(path.read_text())
+    rows = optimize["variants"]
+    quickest = max((name for name in rows if name != "fp32"), key=lambda name: rows[name]["throughput_b1"])
+    rows[quickest]["accuracy"] = round(rows["fp32"]["accuracy"] - 0.05, 5)  # outside the 1-point budget
+    path.write_text(json.dumps(optimize))
+
+    result = register(root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((root / "reports" / "register.json").read_text())
+    assert report["decision"] == CHAMPION and set(report["variants"]) == set(VARIANTS)
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    client = client_for(uri)
+    for name, version in report["variants"].items():
+        tags = client.get_model_version("bertflow-tiny", version).tags
+        expected_tags = (name, report["version"], rows[name]["runtime"])
+        assert (tags["variant"], tags["variant_of"], tags["runtime"]) == expected_tags
+        assert float(tags["metric.accuracy"]) == rows[name]["accuracy"]
+    eligible = {name: row for name, row in rows.items() if rows["fp32"]["accuracy"] - row["accuracy"] <= 0.01}
+    expected = max(eligible, key=lambda name: eligible[name]["throughput_b1"])
+    assert report["fast"]["variant"] == expected != quickest
+    assert client.get_model_version_by_alias("bertflow-tiny", FAST).tags["variant"] == expected
+    assert "## Variants" in client.get_model_version("bertflow-tiny", report["version"]).description
+
+    # a consumer of a variant needs only mlflow and its runtime, and gets the champion's output format
+    texts = ["a fine film", "slow and boring", "warm and funny"]
+    champion = consume(uri, "models:/bertflow-tiny@champion", texts)
+    onnx = consume(uri, f"models:/bertflow-tiny/{report['variants']['onnx_int8']}", texts, ("torch", "transformers"))
+    int8 = consume(uri, f"models:/bertflow-tiny/{report['variants']['int8']}", texts, ("onnxruntime",))
+    fast = consume(uri, "models:/bertflow-tiny@fast", texts)
+    for served in (onnx, int8, fast):
+        assert list(served) == list(champion) and len(served["label"]) == 3
+    assert int8["label"] == champion["label"]
 
 
 # ---------------------------------------------------------------- a real server, down then up

@@ -1,0 +1,272 @@
+"""Making the classifier cheaper: int8 quantization, ONNX export, distillation into a student, pruning.
+
+Each function takes the fine-tuned classifier (a transformers ``BertForSequenceClassification``)
+and writes one variant folder that ``tasks/serving.py`` can open: ``tokenizer.json`` and
+``config.json`` always, the weights, and ``variant.json`` naming the runtime when it is not a
+plain ``save_pretrained`` model. Reads nothing itself; the stage (tasks/optimize.py) hands in the
+models and data. The training loops (distillation, pruning recovery) write a metrics CSV row
+every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForSequenceClassification
+
+from tasks import training as tr
+from tasks.finetune import Encoded
+from tasks.io import write_json
+from tasks.serving import VARIANT_FILE, quantize_int8
+
+log = logging.getLogger(__name__)
+ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+DISTILL_FIELDS = ["step", "epoch", "loss", "soft_loss", "hard_loss", "lr"]
+PRUNE_FIELDS = ["step", "epoch", "loss", "lr"]
+
+
+# ---------------------------------------------------------------- folders
+
+
+def copy_tokenizer(source: Path, folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+
+
+def save_variant(model: BertForSequenceClassification, source: Path, folder: Path) -> Path:
+    """A plain ``save_pretrained`` variant (student, pruned): served like the champion."""
+    model.save_pretrained(str(folder))
+    copy_tokenizer(source, folder)
+    return folder / "model.safetensors"
+
+
+def describe(folder: Path, name: str, runtime: str, weights: str, **extra) -> Path:
+    write_json(folder / VARIANT_FILE, {"name": name, "runtime": runtime, "weights": weights, **extra})
+    return folder / weights
+
+
+# ---------------------------------------------------------------- quantization (PyTorch)
+
+
+def quantized_variant(model: BertForSequenceClassification, source: Path, folder: Path) -> Path:
+    """int8 dynamic quantization of every linear layer; the int8 state dict is what is stored."""
+    quantized = quantize_int8(copy.deepcopy(model).eval())
+    model.config.save_pretrained(str(folder))
+    copy_tokenizer(source, folder)
+    torch.save(quantized.state_dict(), folder / "model_int8.pt")
+    return describe(folder, "int8", "torch_int8", "model_int8.pt")
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+class LogitsOnly(torch.nn.Module):
+    """The classifier with positional inputs and one output, as the exporter wants it."""
+
+    def __init__(self, model: BertForSequenceClassification):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+
+def onnx_variant(model: BertForSequenceClassification, source: Path, folder: Path, opset: int) -> Path:
+    """Export with dynamic batch and sequence axes (the TorchScript exporter; eager attention)."""
+    exported = copy.deepcopy(model).eval()
+    exported.set_attn_implementation("eager")
+    example = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
+    inputs = (example, (example > 0).long(), torch.zeros_like(example))
+    axes = {name: {0: "batch", 1: "sequence"} for name in ONNX_INPUTS}
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(LogitsOnly(exported), inputs, str(folder / "model.onnx"), input_names=list(ONNX_INPUTS),
+                          output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    model.config.save_pretrained(str(folder))
+    copy_tokenizer(source, folder)
+    return describe(folder, "onnx", "onnxruntime", "model.onnx")
+
+
+def onnx_int8_variant(onnx_folder: Path, folder: Path) -> Path:
+    """ONNX Runtime's dynamic quantization of the exported graph (int8 weights, MatMul → MatMulInteger)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it logs every tensor it leaves in fp32, and advice, at INFO/WARNING
+    try:
+        quantize_dynamic(str(onnx_folder / "model.onnx"), str(folder / "model.onnx"), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (onnx_folder / name).is_file():
+            shutil.copy(onnx_folder / name, folder / name)
+    return describe(folder, "onnx_int8", "onnxruntime", "model.onnx")
+
+
+# ---------------------------------------------------------------- training loop shared by distillation and pruning
+
+
+def train_steps(model, data: Encoded, extra: dict[str, list], loss_fn: Callable, steps_per_epoch: int,
+                epochs: int, batch_size: int, learning_rate: float, weight_decay: float, warmup: float,
+                seed: int, pad_id: int, curve, log_every: int) -> list[dict]:
+    """AdamW with warm-up and linear decay over ``epochs × steps_per_epoch`` length-bucketed batches.
+
+    ``extra`` holds per-row values (teacher logits, ...) that go into the batch beside the token ids;
+    ``loss_fn(model, batch)`` returns (loss, {name: float}). Returns the logged rows.
+    """
+    optimizer = tr.adamw(model, learning_rate, weight_decay)
+    total = max(steps_per_epoch * epochs, 1)
+    lengths = [len(ids) for ids in data.input_ids]
+    rows, sums, step = [], {}, 0
+    model.train()
+    for epoch in range(epochs):
+        order = tr.epoch_order(lengths, batch_size, seed, epoch)
+        for start in range(0, min(len(order), steps_per_epoch * batch_size) - batch_size + 1, batch_size):
+            indices = order[start:start + batch_size]
+            batch = data.batch(indices, pad_id)
+            batch.update({key: torch.as_tensor(np.asarray(column)[indices]) for key, column in extra.items()})
+            lr = tr.set_lr(optimizer, learning_rate, tr.lr_factor(step / total, warmup))
+            loss, parts = loss_fn(model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            for key, value in {"loss": loss.item(), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if step % log_every == 0 or step == total:
+                count = log_every if step % log_every == 0 else step % log_every
+                row = {"step": step, "epoch": epoch + 1, **{k: round(v / count, 5) for k, v in sums.items()},
+                       "lr": f"{lr:.3e}"}
+                curve.write(**row)
+                rows.append(row)
+                sums = {}
+    model.eval()
+    return rows
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def student_config(teacher: BertConfig, shape) -> BertConfig:
+    """The teacher's config with the student's depth/width where ``shape`` (StudentParams) sets them."""
+    config = copy.deepcopy(teacher)
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
+        value = getattr(shape, key)
+        if value is not None:
+            setattr(config, key, value)
+    if config.hidden_size % config.num_attention_heads:
+        from tasks.io import InputError
+
+        raise InputError(f"optimize.distill.student: hidden_size {config.hidden_size} is not a multiple of "
+                         f"num_attention_heads {config.num_attention_heads}")
+    return config
+
+
+def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers for the student's layers (4 → 2: layers 0 and 2, as DistilBERT)."""
+    return [i * teacher_layers // student_layers for i in range(student_layers)]
+
+
+def initialize_student(student: BertForSequenceClassification, source: dict[str, torch.Tensor],
+                       source_layers: int) -> dict:
+    """Copy ``source`` weights into the student wherever name (after layer mapping) and shape agree."""
+    mapping = layer_map(source_layers, student.config.num_hidden_layers)
+    own = student.state_dict()
+    copied = 0
+    for name, tensor in own.items():
+        origin = name
+        if ".encoder.layer." in name:
+            prefix, rest = name.split(".encoder.layer.", 1)
+            index, tail = rest.split(".", 1)
+            origin = f"{prefix}.encoder.layer.{mapping[int(index)]}.{tail}"
+        if origin in source and source[origin].shape == tensor.shape:
+            own[name] = source[origin].clone()
+            copied += tensor.numel()
+    student.load_state_dict(own)
+    total = sum(t.numel() for t in own.values())
+    return {"layers_from": mapping, "initialized_share": round(copied / total, 4)}
+
+
+def distillation_loss(temperature: float, alpha: float) -> Callable:
+    """alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE(student, label) on the labeled rows.
+
+    Rows with label −1 (unlabeled corpus sentences) contribute only to the soft term.
+    """
+
+    def loss_fn(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       token_type_ids=batch["token_type_ids"]).logits.float()
+        soft = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(batch["teacher"] / temperature, -1),
+                        log_target=True, reduction="batchmean") * temperature ** 2
+        labeled = batch["labels"] >= 0
+        hard = F.cross_entropy(logits[labeled], batch["labels"][labeled]) if labeled.any() else logits.sum() * 0
+        return alpha * soft + (1 - alpha) * hard, {"soft_loss": soft.item(), "hard_loss": hard.item()}
+
+    return loss_fn
+
+
+def distill(teacher_config: BertConfig, init_weights: dict | None, init_layers: int, data: Encoded,
+            teacher_logits: np.ndarray, params, pad_id: int, curve) -> tuple[BertForSequenceClassification, dict]:
+    """Train the student on the teacher's softened outputs mixed with the true labels."""
+    torch.manual_seed(params.seed)
+    student = BertForSequenceClassification(student_config(teacher_config, params.student))
+    student.set_attn_implementation("eager")
+    init = initialize_student(student, init_weights, init_layers) if init_weights is not None else {
+        "initialized_share": 0.0}
+    started = time.perf_counter()
+    rows = train_steps(student, data, {"teacher": teacher_logits}, distillation_loss(params.temperature, params.alpha),
+                       len(data.labels) // params.batch_size, params.epochs, params.batch_size, params.learning_rate,
+                       params.weight_decay, params.warmup_fraction, params.seed, pad_id, curve, params.log_every)
+    return student, {**init, "rows": len(data.labels), "steps": rows[-1]["step"] if rows else 0,
+                     "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None,
+                     "seconds": round(time.perf_counter() - started, 1),
+                     "parameters": sum(p.numel() for p in student.parameters())}
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def prunable(model: BertForSequenceClassification) -> list[tuple[torch.nn.Module, str]]:
+    return [(module, "weight") for module in model.bert.encoder.modules() if isinstance(module, torch.nn.Linear)]
+
+
+def prune_magnitude(model: BertForSequenceClassification, data: Encoded, params, pad_id: int, curve,
+                    log_every: int) -> tuple[BertForSequenceClassification, dict]:
+    """Global L1 (magnitude) pruning of the encoder's linear weights, then a recovery fine-tune with the
+    mask held; the zeros are made permanent. Unstructured: dense kernels run as before (see the figures)."""
+    from torch.nn.utils import prune
+
+    pruned = copy.deepcopy(model)
+    pruned.set_attn_implementation("eager")
+    targets = prunable(pruned)
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=params.sparsity)
+    torch.manual_seed(params.seed)
+    rows = []
+    if params.recovery_steps:
+        steps_per_epoch = max(len(data.labels) // params.batch_size, 1)
+        epochs = -(-params.recovery_steps // steps_per_epoch)
+        rows = train_steps(pruned, data, {}, cross_entropy_loss, min(steps_per_epoch, params.recovery_steps), epochs,
+                           params.batch_size, params.learning_rate, 0.0, 0.0, params.seed, pad_id, curve, log_every)
+    for module, name in targets:
+        prune.remove(module, name)
+    weights = [module.weight for module, _ in targets]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return pruned.eval(), {"sparsity": round(zeros / sum(w.numel() for w in weights), 4),
+                           "recovery_steps": rows[-1]["step"] if rows else 0}
+
+
+def cross_entropy_loss(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   token_type_ids=batch["token_type_ids"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"]), {}
