@@ -212,15 +212,22 @@ def experiment_id(client, name: str, artifact_location: str | None) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def champion_standing(client, name: str, metric: str) -> Standing | None:
+def version_by_alias(client, name: str, alias: str):
+    """The model version behind ``alias``, or None when the model or the alias does not exist."""
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
+
+
+def champion_standing(client, name: str, metric: str) -> Standing | None:
+    version = version_by_alias(client, name, CHAMPION)
+    if version is None:
+        return None
     return Standing(str(version.version), float(version.tags.get(f"metric.{metric}", "nan")),
                     version.tags.get("test_data_fingerprint", ""))
 
@@ -333,8 +340,15 @@ def register_variants(client, settings: RegisterParams, paths: Paths, figures: d
 def fast_alias(client, settings: RegisterParams, variants: list[Variant], decision: str, version: str,
                figures: dict) -> dict:
     """Point ``fast`` at the quickest form of a new champion within ``max_accuracy_drop``; a version that
-    is not champion leaves ``fast`` where it is (on a form of the standing champion)."""
+    is not champion leaves ``fast`` where it is (on a form of the standing champion), or, when there is
+    none yet (a champion registered before the optimize stage existed), points it at the champion."""
     if decision != CHAMPION:
+        if version_by_alias(client, settings.model_name, FAST) is None:
+            champion = version_by_alias(client, settings.model_name, CHAMPION)
+            if champion is not None:
+                reason = f"no fast alias yet: the champion v{champion.version} itself"
+                client.set_registered_model_alias(settings.model_name, FAST, str(champion.version))
+                return {"version": str(champion.version), "variant": "fp32", "reason": reason}
         return {"version": None, "variant": None, "reason": f"unchanged: v{version} is not the champion"}
     chosen, reason = fast_choice(variants, figures["test"]["accuracy"], settings.max_accuracy_drop)
     if chosen is None:  # cannot happen while fp32 (drop 0) is a candidate; kept for the rule's sake

@@ -155,12 +155,15 @@ def test_register_tracks_gates_and_serves(trained_copy):
     assert version.tags["gate.decision"] == CHAMPION and version.tags["gate.reason"] == "no champion yet"
     assert "## Evaluation" in version.description and "## Lineage" in version.description
 
-    # a second registration of the same model does not beat the champion: challenger only
+    # a second registration of the same model does not beat the champion: challenger only; `fast`,
+    # gone (as for a champion registered before the optimize stage existed), comes back on the champion
+    client.delete_registered_model_alias("bertflow-tiny", FAST)
     assert register(root).returncode == 0
     second = json.loads((root / "reports" / "register.json").read_text())
     assert (second["version"], second["decision"], second["aliases"]) == ("2", CHALLENGER, [CHALLENGER])
     assert str(client.get_model_version_by_alias("bertflow-tiny", CHAMPION).version) == "1"
     assert str(client.get_model_version_by_alias("bertflow-tiny", CHALLENGER).version) == "2"
+    assert str(client.get_model_version_by_alias("bertflow-tiny", FAST).version) == "1"
     assert "does not beat champion v1" in client.get_model_version("bertflow-tiny", "2").tags["gate.reason"]
 
     # other test data on the champion: not compared, stays challenger, and says why
