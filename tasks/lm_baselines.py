@@ -1,4 +1,4 @@
-"""Language-model baselines over the tokenizer's word pieces: an interpolated Kneser-Ney bigram model.
+"""Language-model baselines over the tokenizer's word pieces: a Kneser-Ney bigram model and an LSTM LM.
 
 Pure functions and a small class; reads and writes nothing (the ``lm_baselines`` stage, issue 9,
 will feed it the corpus's train and held-out splits as word-piece ids and report perplexities
@@ -21,6 +21,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
 
 START, END = -1, -2  # sentence boundary symbols, outside any tokenizer's id range
 
@@ -86,3 +89,77 @@ def context_distribution(model: KneserNeyBigram, previous: int, vocab_size: int)
     """P(· | previous) over every piece and the end symbol (for checks: it sums to one)."""
     return {word: model.probability(word, previous) for word in [*range(vocab_size), END]}
 
+
+
+# ---------------------------------------------------------------- the LSTM language model (h_t = f(h_{t-1}, x_t))
+
+
+def lstm_batch(sequences: Sequence[Sequence[int]], vocab_size: int):
+    """Inputs [start, w1 … wn] and targets [w1 … wn, end] as padded tensors (targets padded with −100).
+
+    The start symbol is input id ``vocab_size``; the end symbol is output class ``vocab_size``.
+    """
+    width = max(len(s) for s in sequences) + 1
+    inputs = torch.zeros((len(sequences), width), dtype=torch.long)
+    targets = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        inputs[row, : len(sequence) + 1] = torch.tensor([vocab_size, *sequence])
+        targets[row, : len(sequence) + 1] = torch.tensor([*sequence, vocab_size])
+    return inputs, targets
+
+
+class LstmLanguageModel(torch.nn.Module):
+    """Embedding (pieces + the start symbol) → LSTM → linear over the pieces and the end symbol."""
+
+    def __init__(self, vocab_size: int, embedding: int, hidden: int, layers: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size + 1, embedding)
+        self.lstm = torch.nn.LSTM(embedding, hidden, layers, batch_first=True)
+        self.out = torch.nn.Linear(hidden, vocab_size + 1)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(self.lstm(self.embed(inputs))[0])
+
+
+def lstm_model(vocab_size: int, embedding: int = 128, hidden: int = 256, layers: int = 1,
+               seed: int = 0) -> LstmLanguageModel:
+    torch.manual_seed(seed)
+    return LstmLanguageModel(vocab_size, embedding, hidden, layers)
+
+
+def lstm_loss(model, sequences: Sequence[Sequence[int]], vocab_size: int, reduction: str = "mean"):
+    inputs, targets = lstm_batch(sequences, vocab_size)
+    logits = model(inputs)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+
+
+def train_lstm(model, sequences: Sequence[Sequence[int]], vocab_size: int, steps: int, batch_size: int = 32,
+               learning_rate: float = 2e-3, seed: int = 0) -> list[float]:
+    """Adam over random batches of sentences for ``steps`` steps; returns the loss of every step."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(len(sequences), (min(batch_size, len(sequences)),), generator=generator).tolist()
+        loss = lstm_loss(model, [sequences[i] for i in rows], vocab_size)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def lstm_perplexity(model, sequences: Sequence[Sequence[int]], vocab_size: int, batch_size: int = 64) -> float:
+    """exp(mean negative log-likelihood) over every predicted piece and end symbol."""
+    if not sequences:
+        raise ValueError("no sequences to score")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start:start + batch_size]
+            total += float(lstm_loss(model, chunk, vocab_size, reduction="sum"))
+            count += sum(len(s) + 1 for s in chunk)
+    return math.exp(total / count)

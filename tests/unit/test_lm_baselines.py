@@ -56,3 +56,21 @@ def test_refuses_what_it_cannot_use():
         KneserNeyBigram(CORPUS, vocab_size=3, discount=1.0)
     with pytest.raises(ValueError, match="no sequences to score"):
         KneserNeyBigram(CORPUS, vocab_size=3).perplexity([])
+
+
+def test_lstm_language_model_learns_and_scores_like_its_loss():
+    import torch
+
+    from tasks.lm_baselines import lstm_batch, lstm_loss, lstm_model, lstm_perplexity, train_lstm
+
+    inputs, targets = lstm_batch([[4, 5], [6]], vocab_size=8)
+    assert inputs.tolist() == [[8, 4, 5], [8, 6, 0]] and targets.tolist() == [[4, 5, 8], [6, 8, -100]]
+    corpus = [[1, 2, 3, 4], [1, 2, 3], [5, 6, 7, 4], [5, 6, 7]] * 8  # the next piece is predictable
+    model = lstm_model(vocab_size=8, embedding=16, hidden=32, seed=0)
+    before = lstm_perplexity(model, corpus, 8)
+    losses = train_lstm(model, corpus, 8, steps=150, batch_size=8, learning_rate=1e-2)
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 / 2
+    after = lstm_perplexity(model, corpus, 8)
+    assert after < before / 2 and after < 3.0
+    with torch.no_grad():  # perplexity is exp of the mean loss per predicted symbol
+        assert math.log(after) == pytest.approx(float(lstm_loss(model, corpus, 8)), rel=1e-5)
