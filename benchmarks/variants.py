@@ -51,7 +51,7 @@ class PipelineSide:
 
 
 def sides(paths: Paths, threads: int) -> dict:
-    if not (paths.optimized).is_dir():
+    if not paths.optimized.is_dir():
         raise InputError(f"{paths.optimized}: no variants; run `bertflow optimize` (or `dvc repro optimize`) first")
     found = {REFERENCE: PipelineSide(paths.classifier), "fp32": open_model(paths.classifier, threads)}
     for folder in sorted(p for p in paths.optimized.iterdir() if p.is_dir()):

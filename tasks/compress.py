@@ -24,7 +24,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from tasks import training as tr
 from tasks.finetune import Encoded
-from tasks.io import write_json
+from tasks.io import InputError, write_json
 from tasks.serving import VARIANT_FILE, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,8 @@ def onnx_int8_variant(onnx_folder: Path, folder: Path) -> Path:
         quantize_dynamic(str(onnx_folder / "model.onnx"), str(folder / "model.onnx"), weight_type=QuantType.QInt8)
     finally:
         root.setLevel(level)
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (onnx_folder / name).is_file():
-            shutil.copy(onnx_folder / name, folder / name)
+    shutil.copy(onnx_folder / "config.json", folder / "config.json")
+    copy_tokenizer(onnx_folder, folder)
     return describe(folder, "onnx_int8", "onnxruntime", "model.onnx")
 
 
@@ -166,8 +165,6 @@ def student_config(teacher: BertConfig, shape) -> BertConfig:
         if value is not None:
             setattr(config, key, value)
     if config.hidden_size % config.num_attention_heads:
-        from tasks.io import InputError
-
         raise InputError(f"optimize.distill.student: hidden_size {config.hidden_size} is not a multiple of "
                          f"num_attention_heads {config.num_attention_heads}")
     return config

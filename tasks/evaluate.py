@@ -57,7 +57,7 @@ def classification_report(labels: np.ndarray, predicted: np.ndarray, scores: np.
 def majority_baseline(train_labels: list[int], test_labels: np.ndarray, names: list[str]) -> dict:
     majority = int(np.bincount(train_labels).argmax())
     predicted = np.full_like(test_labels, majority)
-    return {"predicts": names[majority], **_headline(classification_report(test_labels, predicted, None, names))}
+    return {"predicts": names[majority], **headline(classification_report(test_labels, predicted, None, names))}
 
 
 def tfidf_baseline(train: tuple[list[str], list[int]], test: tuple[list[str], np.ndarray], names: list[str],
@@ -70,10 +70,11 @@ def tfidf_baseline(train: tuple[list[str], list[int]], test: tuple[list[str], np
     test_features = vectorizer.transform(test[0])
     predicted = classifier.predict(test_features)
     scores = classifier.predict_proba(test_features)
-    return _headline(classification_report(test[1], predicted, scores, names))
+    return headline(classification_report(test[1], predicted, scores, names))
 
 
-def _headline(report: dict) -> dict:
+def headline(report: dict) -> dict:
+    """Accuracy, macro-F1 and (binary) ROC-AUC of a ``classification_report``."""
     return {key: report[key] for key in ("accuracy", "macro_f1", "roc_auc") if key in report}
 
 
@@ -153,7 +154,7 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     figures = {"test": report, "test_rows": len(test[1]), "baselines": {}}
     random_init = paths.ablation / "random_init"
     if (random_init / "config.json").is_file():
-        figures["baselines"]["random_init"] = _headline(evaluate_classifier(random_init, test, params, names)[0])
+        figures["baselines"]["random_init"] = headline(evaluate_classifier(random_init, test, params, names)[0])
     if params.majority_baseline:
         figures["baselines"]["majority"] = majority_baseline(train[1], np.array(test[1]), names)
     if params.tfidf_baseline:

@@ -29,7 +29,7 @@ import torch
 
 from tasks import compress
 from tasks import training as tr
-from tasks.evaluate import classification_report
+from tasks.evaluate import classification_report, headline
 from tasks.finetune import Encoded, encode, predict_logits, read_split
 from tasks.io import InputError, atomic_dirs, read_column, read_json
 from tasks.model import check_positions, load_classifier
@@ -49,8 +49,7 @@ TARGETS = {"int8": {"min_speedup_b1": 2.0, "max_accuracy_drop": 0.01},
 
 def quality(model: LoadedModel, texts: list[str], labels: list[int], names: list[str]) -> tuple[dict, np.ndarray]:
     scores = model.score(texts)
-    report = classification_report(np.array(labels), scores.argmax(1), scores, names)
-    return {key: report[key] for key in ("accuracy", "macro_f1", "roc_auc") if key in report}, scores
+    return headline(classification_report(np.array(labels), scores.argmax(1), scores, names)), scores
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -324,7 +324,7 @@ def register_variants(client, settings: RegisterParams, paths: Paths, figures: d
         if name == "fp32" or not folder.is_dir():
             continue
         uri = log_model(run_id, folder, figures["example"], f"variant-{name}", measures["runtime"])
-        tags = {f"metric.{key}": str(value) for key, value in measures.items() if isinstance(value, int | float)}
+        tags = metric_tags(measures)
         tags.update({"variant": name, "variant_of": version, "runtime": measures["runtime"],
                      "test_data_fingerprint": figures["fingerprint"], "mlflow_run_id": run_id})
         registered = str(mlflow.register_model(uri, settings.model_name, tags=tags).version)
@@ -358,10 +358,14 @@ def fast_alias(client, settings: RegisterParams, variants: list[Variant], decisi
     return {"version": chosen.version, "variant": chosen.name, "reason": reason}
 
 
+def metric_tags(figures: dict) -> dict[str, str]:
+    """``metric.<name>`` tags for the numbers of a figures mapping (the gate reads them back)."""
+    return {f"metric.{key}": str(value) for key, value in figures.items() if isinstance(value, int | float)}
+
+
 def version_tags(figures: dict, new: Standing, champion: Standing | None, metric: str, decision: str, reason: str,
                  lineage: dict, run_id: str) -> dict[str, str]:
-    tags = {f"metric.{key}": str(value) for key, value in figures["test"].items()
-            if isinstance(value, int | float)}
+    tags = metric_tags(figures["test"])
     tags.update({"test_data_fingerprint": new.fingerprint, "gate.metric": metric, "gate.decision": decision,
                  "gate.reason": reason, "gate.new_value": str(new.value),
                  "gate.champion_value": "" if champion is None else str(champion.value),

@@ -105,16 +105,22 @@ def tiny_trained(tiny_run, tmp_path_factory):
     return root
 
 
+def copy_outputs(source: Path, target: Path) -> Path:
+    """A private copy of a project's data/, artifacts/ and reports/ (checkpoints left out)."""
+    import shutil
+
+    for name in ("data", "artifacts", "reports"):
+        shutil.copytree(source / name, target / name, ignore=shutil.ignore_patterns("*_checkpoints"))
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_optimized(tiny_trained, tmp_path_factory):
     """A copy of ``tiny_trained`` after optimize (params.tiny.yaml: every variant)."""
-    import shutil
 
     from tasks.cli import run_stage
 
-    root = tmp_path_factory.mktemp("tiny_optimized")
-    for name in ("data", "artifacts", "reports"):
-        shutil.copytree(tiny_trained / name, root / name, ignore=shutil.ignore_patterns("*_checkpoints"))
+    root = copy_outputs(tiny_trained, tmp_path_factory.mktemp("tiny_optimized"))
     run_stage("optimize", REPO / "params.tiny.yaml", root)
     return root
 

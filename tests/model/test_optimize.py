@@ -3,7 +3,6 @@ distillation learns; pruning reaches its sparsity; a failing check leaves what w
 
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from tasks.io import InputError
 from tasks.params import VARIANTS, load_params
 from tasks.paths import Paths
 from tasks.serving import open_model
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_outputs
 
 FIGURES = ("accuracy", "macro_f1", "latency_p50_ms_b1", "latency_p99_ms_b1", "throughput_b1", "throughput_b64",
            "size_mb", "speedup_b1", "accuracy_drop")
@@ -90,9 +89,7 @@ def test_pruning_reaches_its_sparsity_and_reports_its_speed(tiny_optimized):
 
 
 def test_an_onnx_export_outside_tolerance_fails_and_keeps_what_was_built(tiny_optimized, tmp_path):
-    root = tmp_path / "project"
-    for name in ("data", "artifacts", "reports"):
-        shutil.copytree(tiny_optimized / name, root / name)
+    root = copy_outputs(tiny_optimized, tmp_path / "project")
     before = sorted(p.relative_to(root) for p in (root / "artifacts" / "optimized").rglob("*"))
     kept_report = (root / "reports" / "optimize.json").read_text()
     with pytest.raises(InputError, match="optimize.onnx_tolerance"):

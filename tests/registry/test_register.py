@@ -26,7 +26,7 @@ from tasks.register import (
     redact,
 )
 from tasks.tracking import dvc_lock_hashes, flatten, numeric, read_curve
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_outputs
 
 BIN = Path(sys.executable).parent
 CONSUMER = """
@@ -193,9 +193,7 @@ def test_register_tracks_gates_and_serves(trained_copy):
 
 
 def test_variants_are_versions_and_fast_never_goes_over_the_budget(tiny_optimized, tmp_path):
-    root = tmp_path / "project"
-    for name in ("data", "artifacts", "reports"):
-        shutil.copytree(tiny_optimized / name, root / name, ignore=shutil.ignore_patterns("*_checkpoints"))
+    root = copy_outputs(tiny_optimized, tmp_path / "project")
     path = root / "reports" / "optimize.json"
     optimize = json.loads(path.read_text())
     rows = optimize["variants"]
