@@ -1,5 +1,5 @@
-"""The pipeline as a Prefect 3 flow: ingest → tokenizer → pretrain_data → pretrain → finetune → evaluate →
-optimize → register.
+"""The pipeline as a Prefect 3 flow: ingest → tokenizer → lm_baselines → pretrain_data → pretrain → finetune →
+evaluate → attention → optimize → register → report.
 
 Each task runs its stage through DVC (``dvc repro --single-item <stage>``), i.e. the very
 ``bertflow <stage>`` command of dvc.yaml, so the two drivers share one record of what was built
@@ -9,8 +9,8 @@ remote and the dvc.lock of the run is logged to the MLflow run that registered t
 
 Reads: the project root's params.yaml (or ``params_file``, copied onto it) and dvc.yaml.
 Writes: what the stages write, ``.dvc/tmp/bertflow-pipeline.lock`` while it runs (one run at a
-time), the DVC remote, the MLflow run's ``dvc.lock`` artifact, and a Prefect markdown artifact
-summarising the run.
+time), the DVC remote, the MLflow run's ``dvc.lock`` artifact, a Prefect markdown artifact
+summarising the run and a Prefect link artifact to the run report (reports/report.html).
 
 With ``distributed.work_pool`` set, the training stages (pretrain, finetune) go to that Prefect
 work pool instead: the flow starts the ``bertflow-stage/<distributed.deployment>`` deployment for
@@ -51,14 +51,15 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from tasks import tracking  # noqa: E402
 from tasks.paths import Paths  # noqa: E402
 from tasks.tracking import prefect_flow_run_id  # noqa: E402
 
-STAGES = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "optimize", "register")
+STAGES = ("ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate", "attention",
+          "optimize", "register", "report")
 POOLED = ("pretrain", "finetune")  # the stages a training work pool takes, when params name one
 STAGE_FLOW = "bertflow-stage"
 # I/O-bound stages are retried (remote sources may hiccup), training never, and bad input never: it
@@ -214,12 +215,29 @@ def summary_markdown(root: Path, outcomes: list[dict], pushed: str) -> str:
         f"- fast: {(registered.get('fast') or {}).get('variant') or '–'} "
         f"({(registered.get('fast') or {}).get('reason', '–')})",
         f"- MLflow run: `{registered.get('run_id', '–')}` at {registered.get('tracking_uri', '–')}", "",
+        "## Report", "",
+        f"- [reports/report.html]({report_links(root)[0]}); MLflow copy: `{report_links(root)[1]}`", "",
         "## Revisions", "",
         f"- git: {git_revision(root)}",
         f"- dvc.lock md5: `{lock_digest(root)}`",
         f"- DVC remote: {pushed}", "",
     ]
     return "\n".join(lines)
+
+
+def report_links(root: Path) -> tuple[str, str]:
+    """(the page on this machine as a file: URI, where the MLflow run keeps it or why it does not)."""
+    logged = read_report(root, "report").get("mlflow", {})
+    where = logged.get("artifact_uri") or f"not in MLflow ({logged.get('why', 'the report stage has not run')})"
+    return (root / "reports" / "report.html").resolve().as_uri(), where
+
+
+def link_report(root: Path) -> None:
+    """The run report as a Prefect link artifact (the page and its MLflow copy)."""
+    page, logged = report_links(root)
+    if (root / "reports" / "report.html").is_file():
+        create_link_artifact(key="bertflow-report", link=page, link_text="bertflow run report (reports/report.html)",
+                             description=f"One self-contained page of this run; MLflow copy: {logged}")
 
 
 # ---------------------------------------------------------------- tasks
@@ -346,6 +364,7 @@ def pipeline(root: str = ".", params_file: str | None = None, overrides: dict[st
             record_lock(str(project))
         create_markdown_artifact(key="bertflow-run-summary", markdown=summary_markdown(project, outcomes, pushed),
                                  description="bertflow pipeline run: stages, figures, registry decision, revisions")
+        link_report(project)
     return outcomes
 
 

@@ -24,12 +24,15 @@ from tasks.paths import Paths
 STAGES = {
     "ingest": "read sources and labeled data into data/corpus and data/labeled",
     "tokenizer": "train the WordPiece vocabulary into artifacts/tokenizer",
+    "lm_baselines": "bigram (Kneser-Ney) and LSTM language models: held-out perplexity over the word pieces",
     "pretrain_data": "build NSP pairs and MLM masks into data/pretrain",
     "pretrain": "pretrain BERT (MLM + NSP) into artifacts/pretrained",
     "finetune": "fine-tune the classifier into artifacts/classifier (+ the random-init ablation)",
     "evaluate": "test-set figures, held-out MLM figures and baselines into reports/evaluate",
+    "attention": "attention of a chosen token, per layer and head, pretrained vs fine-tuned, into reports/attention",
     "optimize": "int8, ONNX, distilled and pruned variants of the classifier, measured, into artifacts/optimized",
     "register": "track the run in MLflow and register the classifier (challenger/champion)",
+    "report": "one self-contained HTML page of the run into reports/report.html (and its MLflow run)",
 }
 DISTRIBUTED = ("pretrain", "finetune")  # the stages that run under torchrun when params ask for it
 

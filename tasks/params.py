@@ -165,6 +165,29 @@ class PretrainParams(BudgetFields):
     num_threads: int | None = Field(None, ge=1)
 
 
+class BigramParams(Section):
+    discount: float | None = Field(
+        None, gt=0, lt=1, description="Kneser-Ney discount; null: Ney's estimate n1 / (n1 + 2 n2) from training")
+
+
+class LstmParams(BudgetFields):
+    embedding_size: int = Field(128, ge=1)
+    hidden_size: int = Field(256, ge=1)
+    num_layers: int = Field(1, ge=1)
+    cutoffs: list[int] = Field([2000, 8000], description="adaptive-softmax cluster bounds (classes by frequency)")
+    batch_size: int = Field(64, ge=1, description="sentences per step")
+    learning_rate: float = Field(2e-3, gt=0, lt=1)
+    log_every: int = Field(50, ge=1, description="steps averaged into one row of reports/lm_baselines/lstm.csv")
+    seed: int = 42
+
+
+class LmBaselinesParams(Section):
+    max_train_sentences: int | None = Field(None, ge=1, description="train-split sentences used (null: all)")
+    bigram: BigramParams = BigramParams()
+    lstm: LstmParams = Field(default_factory=lambda: LstmParams(budget_minutes=5.0))
+    num_threads: int | None = Field(2, ge=1)
+
+
 class FinetuneParams(Section):
     init: str = Field("pretrained", description="'pretrained' (artifacts/pretrained) or a local BERT checkpoint folder")
     random_init_ablation: bool = Field(True, description="also fine-tune the same model from random weights")
@@ -203,6 +226,22 @@ class EvaluateParams(Section):
     tfidf_c: float = Field(16.0, gt=0, description="inverse regularisation strength of the logistic regression")
     heldout_instances: int | None = Field(None, ge=1, description="held-out pretraining instances to score (null: all)")
     num_threads: int | None = Field(2, ge=1, description="fixed, so figures are identical from run to run")
+
+
+class AttentionSentence(Section):
+    text: str = Field(min_length=1)
+    token: str = Field(min_length=1, description="a word of the text: its first word piece is the query")
+
+
+class AttentionParams(Section):
+    sentences: list[AttentionSentence] = Field(
+        [AttentionSentence(text="The animal didn't cross the street because it was too tired", token="it")],
+        min_length=1)
+    num_threads: int | None = Field(2, ge=1)
+
+
+class ReportParams(Section):
+    log_to_mlflow: bool = Field(True, description="log reports/report.html to the MLflow run of the register stage")
 
 
 VARIANTS = ("int8", "onnx", "onnx_int8", "student", "pruned")
@@ -315,12 +354,15 @@ warnings.filterwarnings("ignore", message='Field name "register" in "Params" sha
 class Params(Section):
     ingest: IngestParams
     tokenizer: TokenizerParams
+    lm_baselines: LmBaselinesParams
     pretrain_data: PretrainDataParams
     pretrain: PretrainParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
+    attention: AttentionParams
     optimize: OptimizeParams
     register: RegisterParams
+    report: ReportParams
     schedule: ScheduleParams = ScheduleParams()
     distributed: DistributedParams = DistributedParams()
 

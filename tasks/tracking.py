@@ -24,9 +24,11 @@ import yaml
 
 from tasks.paths import Paths
 
-STAGE_ORDER = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "optimize")
+STAGE_ORDER = ("ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate", "attention",
+               "optimize")
 EMBEDDED_DIR = "mlruns"  # under the project root: mlflow.db (runs + registry) and artifacts/
-CURVES = {"pretrain": ("pretrain/train.csv", "pretrain/eval.csv"),
+CURVES = {"lm_baselines": ("lm_baselines/lstm.csv",),
+          "pretrain": ("pretrain/train.csv", "pretrain/eval.csv"),
           "finetune": ("finetune/pretrained.csv", "finetune/random_init.csv"),
           "optimize": ("optimize/distill.csv", "optimize/prune.csv")}
 
@@ -188,7 +190,7 @@ def log_report_artifacts(client, run_id: str, paths: Paths, model_card: str) -> 
         report = paths.report(stage)
         if report.is_file():
             client.log_artifact(run_id, str(report), "reports")
-    for relative in [*CURVES["pretrain"], *CURVES["finetune"], *CURVES["optimize"], "evaluate/confusion.png",
+    for relative in [*(curve for curves in CURVES.values() for curve in curves), "evaluate/confusion.png",
                      "evaluate/predictions.csv"]:
         path = paths.reports / relative
         if path.is_file():

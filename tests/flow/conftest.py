@@ -77,3 +77,9 @@ def project(tmp_path):
     sh("dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=root)
     sh("bertflow", "sync-dvc", cwd=root)
     return root
+
+
+# The order `dvc repro report` runs the stages in (its own topological order; the flow's is flows.pipeline.STAGES).
+WHOLE_CHAIN_DVC = ["ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate",
+                   "attention", "optimize", "register", "report"]
+AFTER_FINETUNE_DVC = ["finetune", "evaluate", "attention", "optimize", "register", "report"]

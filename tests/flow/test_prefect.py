@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.flow.conftest import BIN, ENV, mlflow_client, repro, set_param, sh
+from tests.flow.conftest import AFTER_FINETUNE_DVC, BIN, ENV, mlflow_client, repro, set_param, sh
 
-STAGES = ["ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate", "optimize", "register"]
+STAGES = ["ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate", "attention",
+          "optimize", "register", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +55,16 @@ def flow_logs(state, *expected: str, seconds: float = 60) -> str:
         time.sleep(1)
 
 
-def summary(state) -> str:
+def summary(state, key: str = "bertflow-run-summary"):
+    """The flow run's artifact ``key``: the summary's markdown, or the report link artifact."""
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    (artifact,) = [a for a in artifacts if a.key == "bertflow-run-summary"]
-    return artifact.data
+    (artifact,) = [a for a in artifacts if a.key == key]
+    return artifact if key != "bertflow-run-summary" else artifact.data
 
 
 def test_flow_and_dvc_repro_keep_one_record(project, prefect_api, monkeypatch):
@@ -71,7 +73,7 @@ def test_flow_and_dvc_repro_keep_one_record(project, prefect_api, monkeypatch):
     assert first.is_completed(), first.message
     assert ran(first) == STAGES
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
-    assert repro(project, "register") == []  # after a flow run, dvc repro does nothing
+    assert repro(project, "report") == []  # after a flow run, dvc repro does nothing
 
     from flows.pipeline import stage_table
 
@@ -80,6 +82,11 @@ def test_flow_and_dvc_repro_keep_one_record(project, prefect_api, monkeypatch):
     text = summary(first)
     assert "| finetune | ran |" in text and "baseline: tfidf_logreg" in text and "models:/tiny/1" in text
     assert "dvc.lock md5" in text and "git:" in text
+    report_link = summary(first, "bertflow-report")  # the run report, linked from the flow run
+    assert report_link.type == "markdown" and (project / "reports" / "report.html").as_uri() in report_link.data
+    assert "runs:/" in report_link.description and "report.html" in text
+    page = (project / "reports" / "report.html").read_text(encoding="utf-8")
+    assert str(first.state_details.flow_run_id) in page  # lineage names the Prefect flow run
     logs = flow_logs(first, "tokens/s")
     assert "tokens/s" in logs and "loss" in logs  # training progress reaches the task logs
 
@@ -94,10 +101,10 @@ def test_flow_and_dvc_repro_keep_one_record(project, prefect_api, monkeypatch):
 
     assert ran(flow_state(project)) == []  # unchanged: every stage skipped
     set_param(project, "finetune", "learning_rate", 0.0005)
-    assert repro(project, "register") == ["finetune", "evaluate", "optimize", "register"]
+    assert repro(project, "report") == AFTER_FINETUNE_DVC
     assert ran(flow_state(project)) == []  # after dvc repro, the flow skips every stage
     changed = flow_state(project, overrides={"finetune.learning_rate": 0.0002})
-    assert ran(changed) == ["finetune", "evaluate", "optimize", "register"]
+    assert ran(changed) == ["finetune", "evaluate", "attention", "optimize", "register", "report"]
     assert "learning_rate: 0.0002" in (project / "params.yaml").read_text()
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
     versions = client.search_model_versions("name='tiny'")
@@ -121,7 +128,7 @@ def test_failed_stage_fails_the_run_and_the_next_run_resumes_there(project, pref
     sh("bertflow", "sync-dvc", cwd=project)
 
     # a registry that does not answer: the stages before register keep their outputs in the cache,
-    # and once it is back the next run runs register alone
+    # and once it is back the next run runs register (and the report that follows it) alone
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     down = flow_state(project, overrides={"finetune.learning_rate": 0.0003})
     assert down.is_failed()
@@ -130,7 +137,7 @@ def test_failed_stage_fails_the_run_and_the_next_run_resumes_there(project, pref
     assert "register:" in status and "finetune:" not in status and "optimize:" not in status
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     resumed = flow_state(project)
-    assert resumed.is_completed() and ran(resumed) == ["register"]
+    assert resumed.is_completed() and ran(resumed) == ["register", "report"]
 
 
 def test_a_second_run_at_once_is_refused(project, prefect_api):

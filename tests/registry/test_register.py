@@ -136,8 +136,8 @@ def test_register_tracks_gates_and_serves(trained_copy):
     assert run.data.metrics["test.accuracy"] == json.loads((root / "reports/evaluate.json").read_text())[
         "test"]["accuracy"]
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-    assert {c.data.tags["stage"] for c in children} == {"ingest", "tokenizer", "pretrain_data", "pretrain",
-                                                         "finetune", "evaluate", "optimize"}
+    assert {c.data.tags["stage"] for c in children} == {"ingest", "tokenizer", "lm_baselines", "pretrain_data",
+                                                         "pretrain", "finetune", "evaluate", "attention", "optimize"}
     pretrain_run = next(c for c in children if c.data.tags["stage"] == "pretrain")
     curve = client.get_metric_history(pretrain_run.info.run_id, "train.loss")
     assert len(curve) > 2 and len({m.step for m in curve}) == len(curve)

@@ -25,7 +25,8 @@ def test_default_params_files_are_valid():
     (lambda p: p["ingest"]["corpus"]["sources"].append({"path": "nowhere"}), "ingest.corpus.sources.1.path",
      "path does not exist"),
     (lambda p: p["ingest"]["labeled"].update(train="missing.tsv"), "ingest.labeled.train", "path does not exist"),
-    (lambda p: p.update(pretrian={}), "pretrian", "allowed keys here: ingest, tokenizer, pretrain_data, pretrain"),
+    (lambda p: p.update(pretrian={}), "pretrian",
+     "allowed keys here: ingest, tokenizer, lm_baselines, pretrain_data, pretrain"),
     (lambda p: p.pop("tokenizer"), "tokenizer", "required key is missing"),
 ])
 def test_bad_params_name_the_key(tiny, edit, key, expected):

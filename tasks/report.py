@@ -1,0 +1,424 @@
+"""Stage report: one self-contained HTML page that says what this run built, how good it is, and why.
+
+Reads: every stage's ``reports/<stage>.json``; the curves ``reports/pretrain/*.csv``,
+``reports/finetune/*.csv``, ``reports/lm_baselines/lstm.csv``; ``reports/evaluate/confusion.png``;
+``reports/attention/*.png``; ``data/labeled/*.parquet`` (label counts); ``dvc.lock`` and git.
+Writes: ``reports/report.html`` (CSS inline, every image a data: URI, no script, nothing fetched),
+``reports/report.json`` (its sections and where it was logged), and — when the register stage has
+recorded an MLflow run — the page as artifact ``report.html`` of that run. A stage whose report is
+missing gets a line saying so; the page is still written. Run: ``bertflow report``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+from tasks import tracking
+from tasks.io import read_column
+from tasks.params import Params
+from tasks.paths import Paths
+
+log = logging.getLogger(__name__)
+WHOLE_PARAMS = True  # the page shows the model's shape and the registry settings
+REPORTED = ("ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate",
+            "attention", "optimize", "register")
+SECTIONS = {"summary": "At a glance", "data": "Data", "tokenizer": "Tokenizer and pretraining data",
+            "pretraining": "Pretraining", "finetuning": "Fine-tuning", "evaluation": "Evaluation",
+            "language-models": "Language models", "attention": "Attention", "variants": "Variants",
+            "registry": "Registry", "lineage": "Lineage"}
+MLM_VS_LM = ("BERT's figure is a pseudo-perplexity, exp of its loss on the 15 % of pieces that were masked, "
+             "each guessed from the words on both sides of it, whereas the bigram and LSTM figures score every "
+             "piece from the pieces before it only, so the two numbers measure different tasks and neither "
+             "ranks the models against the other.")
+STYLE = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+header{background:#1d2330;color:#fff;padding:18px 32px}header h1{margin:0 0 4px;font-size:24px}
+header p{margin:0;color:#c9d1e0}nav{margin-top:10px}nav a{color:#9fc3ff;margin-right:14px;text-decoration:none}
+main{max-width:1180px;margin:0 auto;padding:8px 32px 40px}
+section{background:#fff;border:1px solid #e1e4ea;border-radius:8px;padding:4px 22px 18px;margin:18px 0}
+h2{font-size:19px;border-bottom:1px solid #e1e4ea;padding-bottom:6px}h3{font-size:15px;margin:16px 0 6px}
+table{border-collapse:collapse;margin:8px 0;font-size:14px}th,td{border:1px solid #e1e4ea;padding:4px 10px;
+text-align:left}th{background:#f0f2f6}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.cards{display:flex;flex-wrap:wrap;gap:12px}.card{flex:1 1 170px;border:1px solid #e1e4ea;border-radius:8px;
+padding:10px 14px}.card b{display:block;font-size:22px}.card span{color:#5a6478;font-size:13px}
+figure{display:inline-block;margin:8px 16px 8px 0;vertical-align:top}figure img{max-width:100%;
+border:1px solid #e1e4ea}figcaption{font-size:13px;color:#5a6478}.note{color:#5a6478}
+code{background:#f0f2f6;padding:1px 4px;border-radius:3px;font-size:13px}
+"""
+
+# ---------------------------------------------------------------- HTML pieces (pure)
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def number(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.5g}" if abs(value) < 1e6 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return esc(value)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """An HTML table; numbers right-aligned and formatted, everything else escaped."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(
+        f'<td class="n">{number(cell)}</td>' if isinstance(cell, int | float) and not isinstance(cell, bool)
+        else f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def image(png: bytes, alt: str, caption: str | None = None) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    text = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
+    return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">{text}</figure>'
+
+
+def cards(items: list[tuple[str, object]]) -> str:
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><b>{number(value)}</b><span>{esc(label)}</span></div>' for label, value in items) + "</div>"
+
+
+def missing(stage: str) -> str:
+    return f'<p class="note">No <code>reports/{esc(stage)}.json</code>: the {esc(stage)} stage has not run.</p>'
+
+
+def section(key: str, body: str) -> str:
+    return f'<section id="{key}"><h2>{esc(SECTIONS[key])}</h2>{body}</section>'
+
+
+def page(title: str, subtitle: str, sections: dict[str, str]) -> str:
+    nav = "".join(f'<a href="#{key}">{esc(SECTIONS[key])}</a>' for key in sections)
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>'
+            f"<body><header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p><nav>{nav}</nav></header><main>"
+            + "".join(section(key, body) for key, body in sections.items()) + "</main></body></html>\n")
+
+
+# ---------------------------------------------------------------- charts (matplotlib → PNG bytes)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def line_chart(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.6, 3.4), dpi=100)
+    for label, (xs, ys) in series.items():
+        axis.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=4, label=label)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=11)
+    axis.grid(alpha=0.3)
+    if len(series) > 1:
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def curve(path: Path, x: str, columns: list[str]) -> dict[str, tuple[list[float], list[float]]]:
+    """Columns of a metrics CSV as chart series (rows with an empty cell left out)."""
+    rows = read_rows(path)
+    series = {}
+    for column in columns:
+        points = [(float(row[x]), float(row[column])) for row in rows if row.get(column) not in (None, "")]
+        if points:
+            series[column] = ([p[0] for p in points], [p[1] for p in points])
+    return series
+
+
+def chart_or_note(series: dict, xlabel: str, ylabel: str, title: str, source: str) -> str:
+    if not series:
+        return f'<p class="note">No curve in <code>{esc(source)}</code>.</p>'
+    return image(line_chart(series, xlabel, ylabel, title), title, f"from {source}")
+
+
+# ---------------------------------------------------------------- sections (pure given the reports)
+
+
+def summary_section(reports: dict) -> str:
+    test = reports.get("evaluate", {}).get("test", {})
+    registered, lms = reports.get("register", {}), reports.get("lm_baselines", {})
+    items = [("test accuracy", test.get("accuracy", "–")), ("test macro-F1", test.get("macro_f1", "–")),
+             ("registry decision", registered.get("decision", "not registered")),
+             ("version", registered.get("version", "–")),
+             ("fast variant", (registered.get("fast") or {}).get("variant", "–")),
+             ("bigram held-out perplexity", lms.get("bigram", {}).get("heldout_perplexity", "–"))]
+    reason = registered.get("reason")
+    return cards(items) + (f"<p>Gate: {esc(reason)}.</p>" if reason else "")
+
+
+def label_counts(paths: Paths, names: list[str]) -> list[list]:
+    rows = []
+    for split in ("train", "dev", "test"):
+        path = paths.labeled / f"{split}.parquet"
+        if path.is_file():
+            counts = Counter(read_column(path, "label_id"))
+            rows.append([split, sum(counts.values()), *[counts.get(i, 0) for i in range(len(names))]])
+    return rows
+
+
+def data_section(reports: dict, paths: Paths) -> str:
+    ingest = reports.get("ingest")
+    if not ingest:
+        return missing("ingest")
+    corpus = ingest.get("corpus", {})
+    keys = ("documents", "sentences", "characters", "whitespace_tokens")
+    rows = [[split, *[corpus.get(split, {}).get(key, "–") for key in keys]] for split in ("train", "heldout")]
+    body = "<h3>Pretraining corpus</h3>" + table(["split", *keys], rows)
+    dropped = corpus.get("dropped") or {}
+    if dropped:
+        body += f"<p>Dropped documents: {esc(', '.join(f'{k} {v}' for k, v in dropped.items()))}.</p>"
+    names = ingest.get("labeled", {}).get("labels", [])
+    body += "<h3>Labeled data (rows per label)</h3>" + table(["split", "rows", *names], label_counts(paths, names))
+    return body
+
+
+def tokenizer_section(reports: dict) -> str:
+    tokenizer, data = reports.get("tokenizer"), reports.get("pretrain_data")
+    if not tokenizer:
+        return missing("tokenizer")
+    body = table(["vocabulary", "held-out pieces", "pieces per word", "[UNK] rate", "training seconds"],
+                 [[tokenizer.get("vocab_size"), tokenizer.get("heldout_tokens"),
+                   tokenizer.get("heldout_pieces_per_word"), tokenizer.get("heldout_unk_rate"),
+                   tokenizer.get("train_seconds")]])
+    if not data:
+        return body + missing("pretrain_data")
+    rows = [[split, f.get("instances"), f.get("tokens"), f.get("nsp_positive_rate"), f.get("masked_rate"),
+             " / ".join(str(f.get("masked_split", {}).get(k, "–")) for k in ("mask", "random", "self")),
+             f.get("padding_fraction")] for split, f in ((s, data.get(s, {})) for s in ("train", "heldout"))]
+    return body + "<h3>NSP pairs and masks</h3>" + table(
+        ["split", "instances", "tokens", "IsNext share", "masked share", "[MASK] / random / kept", "padding"], rows)
+
+
+def pretraining_section(reports: dict, params: Params, paths: Paths) -> str:
+    pretrain = reports.get("pretrain")
+    if not pretrain:
+        return missing("pretrain")
+    model = params.pretrain.model
+    held = reports.get("evaluate", {}).get("pretrained_heldout", pretrain.get("heldout", {}))
+    body = cards([("parameters", pretrain.get("parameters", "–")), ("steps", pretrain.get("steps", "–")),
+                  ("tokens/s", pretrain.get("tokens_per_second", "–")),
+                  ("held-out MLM accuracy", held.get("mlm_accuracy", "–")),
+                  ("held-out NSP accuracy", held.get("nsp_accuracy", "–"))])
+    body += (f"<p>BERT L{model.num_hidden_layers}/H{model.hidden_size}/A{model.num_attention_heads}, "
+             f"{number(pretrain.get('tokens', '–'))} tokens in {number(pretrain.get('seconds', '–'))} s on "
+             f"{esc(pretrain.get('threads', '?'))} threads (bf16 {esc(pretrain.get('bf16', '?'))}).</p>")
+    body += chart_or_note(curve(paths.reports / "pretrain" / "train.csv", "step", ["loss", "mlm_loss", "nsp_loss"]),
+                          "step", "loss", "pretraining loss", "reports/pretrain/train.csv")
+    body += chart_or_note(curve(paths.reports / "pretrain" / "eval.csv", "step", ["mlm_accuracy", "nsp_accuracy"]),
+                          "step", "accuracy", "held-out MLM and NSP accuracy", "reports/pretrain/eval.csv")
+    return body
+
+
+def finetuning_section(reports: dict, paths: Paths) -> str:
+    finetune = reports.get("finetune")
+    if not finetune:
+        return missing("finetune")
+    rows = [[run, f.get("best_epoch"), f.get("epochs_run"), f.get("best_dev_accuracy"), f.get("seconds")]
+            for run, f in finetune.items() if isinstance(f, dict) and "best_dev_accuracy" in f]
+    body = table(["run", "best epoch", "epochs run", "best dev accuracy", "seconds"], rows)
+    series = {}
+    for run in ("pretrained", "random_init"):
+        series.update({f"{run}: dev accuracy": s for s in
+                       curve(paths.reports / "finetune" / f"{run}.csv", "epoch", ["dev_accuracy"]).values()})
+    return body + chart_or_note(series, "epoch", "dev accuracy", "fine-tuning: from pretrained vs random weights",
+                                "reports/finetune/*.csv")
+
+
+def evaluation_section(reports: dict, paths: Paths) -> str:
+    evaluation = reports.get("evaluate")
+    if not evaluation:
+        return missing("evaluate")
+    test = evaluation.get("test", {})
+    rows = [["bertflow classifier", test.get("accuracy"), test.get("macro_f1"), test.get("roc_auc", "–")]]
+    names = {"random_init": "ablation: no pretraining (random init)", "majority": "baseline: majority class",
+             "tfidf_logreg": "baseline: TF-IDF + logistic regression"}
+    rows += [[names.get(key, key), f.get("accuracy"), f.get("macro_f1"), f.get("roc_auc", "–")]
+             for key, f in evaluation.get("baselines", {}).items()]
+    body = (f"<p>Test split: {number(evaluation.get('test_rows', '–'))} rows.</p>"
+            + table(["model", "accuracy", "macro-F1", "ROC-AUC"], rows))
+    body += "<h3>Per class</h3>" + table(
+        ["label", "precision", "recall", "F1", "support"],
+        [[name, f["precision"], f["recall"], f["f1"], f["support"]] for name, f in test.get("per_class", {}).items()])
+    confusion = paths.reports / "evaluate" / "confusion.png"
+    if confusion.is_file():
+        body += image(confusion.read_bytes(), "confusion matrix", "test confusion matrix (rows: true label)")
+    return body
+
+
+def language_models_section(reports: dict, paths: Paths) -> str:
+    lms = reports.get("lm_baselines")
+    if not lms:
+        return missing("lm_baselines")
+    tokens, bigram, lstm = lms.get("tokens", {}), lms.get("bigram", {}), lms.get("lstm", {})
+    held = reports.get("evaluate", {}).get("pretrained_heldout", {})
+    rows = [
+        ["unigram (add-one)", "each piece, no context", lms.get("unigram", {}).get("heldout_perplexity", "–"), "–"],
+        [f"bigram, interpolated Kneser-Ney (d = {bigram.get('discount', '?')})", "each piece from the one before",
+         bigram.get("heldout_perplexity", "–"), bigram.get("train_perplexity", "–")],
+        [f"LSTM ({number(lstm.get('steps', '?'))} steps, {number(lstm.get('train_seconds', '?'))} s)",
+         "each piece from all before it", lstm.get("heldout_perplexity", "–"), "–"],
+        ["BERT masked LM (pseudo-perplexity)", "masked pieces from both sides", held.get("mlm_perplexity", "–"), "–"],
+    ]
+    body = (f"<p>Held-out split: {number(tokens.get('heldout_sentences', '–'))} sentences, "
+            f"{number(tokens.get('heldout_pieces', '–'))} word pieces of the run's tokenizer (vocabulary "
+            f"{number(tokens.get('vocab_size', '–'))}); the left-to-right models also predict each sentence's end. "
+            f"Trained on {number(tokens.get('train_sentences', '–'))} train-split sentences.</p>")
+    body += table(["model", "predicts", "held-out perplexity", "train perplexity"], rows)
+    body += f"<p>{esc(MLM_VS_LM)}</p>"
+    return body + chart_or_note(curve(paths.reports / "lm_baselines" / "lstm.csv", "step", ["loss"]), "step",
+                                "loss (nats per piece)", "LSTM language model: training loss",
+                                "reports/lm_baselines/lstm.csv")
+
+
+def attention_section(reports: dict, paths: Paths) -> str:
+    attention = reports.get("attention")
+    if not attention:
+        return missing("attention")
+    body = ""
+    for number_, view in enumerate(attention.get("sentences", []), start=1):
+        body += f"<h3>“{esc(view['text'])}” — from “{esc(view['token'])}”</h3>"
+        layers = len(view.get("pretrained", {}).get("strongest_per_layer", []))
+        body += table(["layer", *[label for label in attention.get("models", {}).values()]],
+                      [[layer + 1, *[view.get(name, {}).get("strongest_per_layer", ["–"] * layers)[layer]
+                                     for name in attention.get("models", {})]] for layer in range(layers)])
+        body += '<p class="note">Most-attended piece per layer (heads averaged; itself, [CLS] and [SEP] left out).</p>'
+        for name in ("pretrained", "classifier", "mean"):
+            png = paths.reports / "attention" / f"{number_}_{name}.png"
+            if png.is_file():
+                body += image(png.read_bytes(), f"attention {name}", f"reports/attention/{png.name}")
+    return body
+
+
+def variants_section(reports: dict) -> str:
+    variants = reports.get("optimize", {}).get("variants", {})
+    if not variants:
+        return missing("optimize")
+    keys = ("runtime", "accuracy", "macro_f1", "latency_p50_ms_b1", "latency_p99_ms_b1", "throughput_b1",
+            "throughput_b64", "size_mb", "speedup_b1")
+    return (f"<p>Batch-1 latency and throughput on {esc(reports['optimize'].get('threads', '?'))} threads, "
+            "measured as served.</p>"
+            + table(["variant", "runtime", "accuracy", "macro-F1", "p50 ms b1", "p99 ms b1", "texts/s b1",
+                     "texts/s b64", "MB", "× fp32 b1"], [[name, *[f.get(k, "–") for k in keys]]
+                                                        for name, f in variants.items()]))
+
+
+def registry_section(reports: dict) -> str:
+    registered = reports.get("register")
+    if not registered:
+        return missing("register")
+    before = registered.get("champion_before") or {}
+    fast = registered.get("fast") or {}
+    rows = [["model", registered.get("model_uri", "–")], ["decision", registered.get("decision", "–")],
+            ["reason", registered.get("reason", "–")], ["aliases", ", ".join(registered.get("aliases", [])) or "–"],
+            ["champion before", f"v{before['version']} ({before.get('value')})" if before else "none"],
+            ["fast", f"{fast.get('variant', '–')}: {fast.get('reason', '–')}"],
+            ["variants", ", ".join(f"{k} v{v}" for k, v in (registered.get("variants") or {}).items()) or "–"]]
+    return table(["", ""], rows)
+
+
+def lineage_section(lineage: dict) -> str:
+    outs = [[path, md5] for path, md5 in lineage["dvc"].items()]
+    return (table(["", ""], [[key, value] for key, value in lineage["run"].items()])
+            + "<h3>DVC: dvc.lock hashes of what this run read and built</h3>"
+            + (table(["path", "md5"], outs) if outs else '<p class="note">No dvc.lock yet.</p>'))
+
+
+# ---------------------------------------------------------------- lineage (reads git, dvc.lock, env)
+
+
+def lineage(paths: Paths, registered: dict) -> dict[str, dict[str, str]]:
+    """{"run": git, dvc.lock, MLflow and Prefect identities; "dvc": {path: md5} of the data and artifacts}."""
+    import hashlib
+    import os
+
+    git = tracking.git_state(paths.root)
+    lock = paths.root / "dvc.lock"
+    found = {"git commit": git["git_commit"] + (" (uncommitted changes)" if git["git_dirty"] == "true" else ""),
+             "dvc.lock md5": hashlib.md5(lock.read_bytes()).hexdigest() if lock.is_file() else "no dvc.lock",
+             "MLflow run": registered.get("run_id", "not registered"),
+             "MLflow experiment": registered.get("experiment", "–"),
+             "MLflow tracking": registered.get("tracking_uri", "–"),
+             "registered model": registered.get("model_uri", "–"),
+             "Prefect flow run": tracking.prefect_flow_run_id() or "not run by the Prefect flow (dvc repro or by hand)"}
+    api = os.environ.get("PREFECT_API_URL", "")
+    if api and tracking.prefect_flow_run_id():
+        found["Prefect flow run page"] = f"{api.removesuffix('/api')}/runs/flow-run/{tracking.prefect_flow_run_id()}"
+    outputs = {path: md5 for path, md5 in tracking.dvc_lock_hashes(lock).items()
+               if not path.startswith(("tasks/", "../"))}
+    return {"run": found, "dvc": outputs}
+
+
+# ---------------------------------------------------------------- edge
+
+
+def build(params: Params, paths: Paths, reports: dict, found_lineage: dict) -> dict[str, str]:
+    """Every section's HTML, in page order."""
+    return {"summary": summary_section(reports), "data": data_section(reports, paths),
+            "tokenizer": tokenizer_section(reports), "pretraining": pretraining_section(reports, params, paths),
+            "finetuning": finetuning_section(reports, paths), "evaluation": evaluation_section(reports, paths),
+            "language-models": language_models_section(reports, paths),
+            "attention": attention_section(reports, paths), "variants": variants_section(reports),
+            "registry": registry_section(reports), "lineage": lineage_section(found_lineage)}
+
+
+def write_page(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def log_to_mlflow(params: Params, paths: Paths, registered: dict, page_path: Path) -> dict:
+    """The page as artifact report.html of the run register recorded; retried, then a clear error."""
+    from tasks.register import configure_client, retrying
+
+    if not params.report.log_to_mlflow:
+        return {"logged": False, "why": "report.log_to_mlflow is false"}
+    if not registered.get("run_id"):
+        return {"logged": False, "why": "no MLflow run yet: the register stage has not run"}
+    settings = params.register
+    uri = tracking.tracking_uri(settings.tracking_uri, paths)
+    client = configure_client(settings, uri)
+    retrying(settings, "log the run report", uri, lambda: client.log_artifact(registered["run_id"], str(page_path)))
+    return {"logged": True, "run_id": registered["run_id"], "artifact_uri": f"runs:/{registered['run_id']}/report.html"}
+
+
+def run(params: Params, paths: Paths) -> dict:
+    started = time.perf_counter()
+    reports = {stage: tracking.read_report(paths, stage) for stage in REPORTED}
+    reports = {stage: report for stage, report in reports.items() if report}
+    registered = reports.get("register", {})
+    sections = build(params, paths, reports, lineage(paths, registered))
+    title = f"bertflow run report: {registered.get('model_name', 'unregistered model')}"
+    subtitle = (f"{time.strftime('%Y-%m-%d %H:%M %Z')} · version {registered.get('version', '–')} · "
+                f"stages reported: {', '.join(reports) or 'none'}")
+    target = paths.reports / "report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_page(target, page(title, subtitle, sections))
+    figures = {"sections": list(sections), "missing": [stage for stage in REPORTED if stage not in reports],
+               "images": sum(body.count("<img ") for body in sections.values()),
+               "bytes": target.stat().st_size}
+    figures["mlflow"] = log_to_mlflow(params, paths, registered, target)
+    figures["seconds"] = round(time.perf_counter() - started, 2)
+    return figures

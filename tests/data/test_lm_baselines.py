@@ -1,0 +1,50 @@
+"""The lm_baselines stage on the tiny profile's real corpus slice: every model scores the held-out split."""
+
+import csv
+import json
+
+import pytest
+
+from tasks.io import InputError
+from tests.conftest import REPO
+
+
+def test_lm_baselines_stage_reports_perplexities_and_a_loss_curve(tiny_run, tmp_path):
+    import shutil
+
+    from tasks.cli import run_stage
+
+    root = tmp_path / "project"
+    for name in ("data", "artifacts"):
+        shutil.copytree(tiny_run / name, root / name)
+    figures = run_stage("lm_baselines", REPO / "params.tiny.yaml", root)
+    assert json.loads((root / "reports" / "lm_baselines.json").read_text()) == figures
+    tokens, bigram, lstm = figures["tokens"], figures["bigram"], figures["lstm"]
+    assert tokens["train_sentences"] > 1000 and tokens["heldout_pieces"] > 1000
+    assert 0 < bigram["discount"] < 1  # Ney's estimate (params.tiny.yaml leaves it null)
+    # Context helps: the bigram beats the unigram on held-out text, and fits its own training text better still.
+    assert bigram["train_perplexity"] < bigram["heldout_perplexity"] < figures["unigram"]["heldout_perplexity"]
+    assert figures["unigram"]["heldout_perplexity"] < tokens["vocab_size"] + 1  # better than uniform
+    assert lstm["steps"] == 40 and 1 < lstm["heldout_perplexity"] < float("inf")
+    with open(root / "reports" / "lm_baselines" / "lstm.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows] == [10, 20, 30, 40]
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+
+
+def test_an_empty_heldout_split_is_named(tiny_run, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from tasks.cli import run_stage
+
+    root = tmp_path / "project"
+    for name in ("data", "artifacts"):
+        shutil.copytree(tiny_run / name, root / name)
+    heldout = root / "data" / "corpus" / "heldout.parquet"
+    table = pq.read_table(heldout)
+    pq.write_table(table.slice(0, 0), heldout)
+    with pytest.raises(InputError, match=r"heldout\.parquet: no sentences with word pieces"):
+        run_stage("lm_baselines", REPO / "params.tiny.yaml", root)
+    assert not (root / "reports" / "lm_baselines").exists()
