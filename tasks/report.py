@@ -61,6 +61,8 @@ def esc(value) -> str:
 
 
 def number(value) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, float):
         return f"{value:,.5g}" if abs(value) < 1e6 else f"{value:,.0f}"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -159,10 +161,13 @@ def chart_or_note(series: dict, xlabel: str, ylabel: str, title: str, source: st
 def summary_section(reports: dict) -> str:
     test = reports.get("evaluate", {}).get("test", {})
     registered, lms = reports.get("register", {}), reports.get("lm_baselines", {})
+    champion = (registered.get("version") if registered.get("decision") == "champion"
+                else (registered.get("champion_before") or {}).get("version"))
     items = [("test accuracy", test.get("accuracy", "–")), ("test macro-F1", test.get("macro_f1", "–")),
              ("registry decision", registered.get("decision", "not registered")),
-             ("version", registered.get("version", "–")),
-             ("fast variant", (registered.get("fast") or {}).get("variant", "–")),
+             ("version registered", registered.get("version", "–")),
+             ("champion version", champion),
+             ("fast variant", (registered.get("fast") or {}).get("variant") or "unchanged"),
              ("bigram held-out perplexity", lms.get("bigram", {}).get("heldout_perplexity", "–"))]
     reason = registered.get("reason")
     return cards(items) + (f"<p>Gate: {esc(reason)}.</p>" if reason else "")
