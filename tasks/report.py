@@ -396,7 +396,7 @@ def write_page(path: Path, text: str) -> None:
 
 def log_to_mlflow(params: Params, paths: Paths, registered: dict, page_path: Path) -> dict:
     """The page as artifact report.html of the run register recorded; retried, then a clear error."""
-    from tasks.register import configure_client, retrying
+    from tasks.register import RegistryError, configure_client, redact, retrying
 
     if not params.report.log_to_mlflow:
         return {"logged": False, "why": "report.log_to_mlflow is false"}
@@ -405,7 +405,12 @@ def log_to_mlflow(params: Params, paths: Paths, registered: dict, page_path: Pat
     settings = params.register
     uri = tracking.tracking_uri(settings.tracking_uri, paths)
     client = configure_client(settings, uri)
-    retrying(settings, "log the run report", uri, lambda: client.log_artifact(registered["run_id"], str(page_path)))
+    try:
+        retrying(settings, "log the run report", uri, lambda: client.log_artifact(registered["run_id"], str(page_path)))
+    except RegistryError as exc:
+        raise RegistryError(f"MLflow registry at {redact(uri)} did not answer: {page_path} is written but not logged "
+                            f"to run {registered['run_id']}; run `bertflow report` again once the registry is back "
+                            f"({str(exc.__cause__ or exc).splitlines()[0][:200]})") from exc
     return {"logged": True, "run_id": registered["run_id"], "artifact_uri": f"runs:/{registered['run_id']}/report.html"}
 
 

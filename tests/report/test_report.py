@@ -94,3 +94,26 @@ def test_a_partial_run_still_gets_a_page_naming_what_is_missing(tiny_run, tmp_pa
     assert figures["mlflow"]["logged"] is False and "register" in figures["mlflow"]["why"]
     page = (root / "reports" / "report.html").read_text(encoding="utf-8")
     assert "the pretrain stage has not run" in page and "Pretraining corpus" in page
+
+
+def test_a_registry_that_does_not_answer_keeps_the_page(reported, tmp_path):
+    """In a fresh process (MLflow caches a run's artifact store per process): exit 2, the registry named."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    root = tmp_path / "project"
+    shutil.copytree(reported, root, ignore=shutil.ignore_patterns("*_checkpoints", "artifacts"))
+    (root / "reports" / "report.html").unlink()
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    result = subprocess.run([str(Path(sys.executable).parent / "bertflow"), "--params", str(REPO / "params.tiny.yaml"),
+                             "--root", str(root), "report"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"bertflow report: error: MLflow registry at http://127.0.0.1:{port} did not answer" in result.stderr
+    assert "run `bertflow report` again" in result.stderr
+    assert "Lineage" in (root / "reports" / "report.html").read_text(encoding="utf-8")  # written before logging
