@@ -203,6 +203,7 @@ def summary_markdown(root: Path, outcomes: list[dict], pushed: str) -> str:
     rows += [f"| baseline: {name} | {value.get('accuracy', '–')} | {value.get('macro_f1', '–')} |"
              for name, value in evaluation.get("baselines", {}).items()]
     registry_ran = any(o["stage"] == "register" and o["ran"] for o in outcomes)
+    page, logged = report_links(root)
     lines = [
         "# bertflow pipeline run", "",
         "| stage | status | seconds |", "|---|---|---|",
@@ -216,7 +217,7 @@ def summary_markdown(root: Path, outcomes: list[dict], pushed: str) -> str:
         f"({(registered.get('fast') or {}).get('reason', '–')})",
         f"- MLflow run: `{registered.get('run_id', '–')}` at {registered.get('tracking_uri', '–')}", "",
         "## Report", "",
-        f"- [reports/report.html]({report_links(root)[0]}); MLflow copy: `{report_links(root)[1]}`", "",
+        f"- [reports/report.html]({page}); MLflow copy: `{logged}`", "",
         "## Revisions", "",
         f"- git: {git_revision(root)}",
         f"- dvc.lock md5: `{lock_digest(root)}`",

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import html
 import io
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,8 +29,7 @@ from tasks.paths import Paths
 
 log = logging.getLogger(__name__)
 WHOLE_PARAMS = True  # the page shows the model's shape and the registry settings
-REPORTED = ("ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate",
-            "attention", "optimize", "register")
+REPORTED = (*tracking.STAGE_ORDER, "register")  # every stage before this one, in pipeline order
 SECTIONS = {"summary": "At a glance", "data": "Data", "tokenizer": "Tokenizer and pretraining data",
             "pretraining": "Pretraining", "finetuning": "Fine-tuning", "evaluation": "Evaluation",
             "language-models": "Language models", "attention": "Attention", "variants": "Variants",
@@ -302,7 +303,7 @@ def attention_section(reports: dict, paths: Paths) -> str:
     if not attention:
         return missing("attention")
     body = ""
-    for number_, view in enumerate(attention.get("sentences", []), start=1):
+    for position, view in enumerate(attention.get("sentences", []), start=1):
         body += f"<h3>“{esc(view['text'])}” — from “{esc(view['token'])}”</h3>"
         layers = len(view.get("pretrained", {}).get("strongest_per_layer", []))
         body += table(["layer", *[label for label in attention.get("models", {}).values()]],
@@ -310,7 +311,7 @@ def attention_section(reports: dict, paths: Paths) -> str:
                                      for name in attention.get("models", {})]] for layer in range(layers)])
         body += '<p class="note">Most-attended piece per layer (heads averaged; itself, [CLS] and [SEP] left out).</p>'
         for name in ("pretrained", "classifier", "mean"):
-            png = paths.reports / "attention" / f"{number_}_{name}.png"
+            png = paths.reports / "attention" / f"{position}_{name}.png"
             if png.is_file():
                 body += image(png.read_bytes(), f"attention {name}", f"reports/attention/{png.name}")
     return body
@@ -355,9 +356,6 @@ def lineage_section(lineage: dict) -> str:
 
 def lineage(paths: Paths, registered: dict) -> dict[str, dict[str, str]]:
     """{"run": git, dvc.lock, MLflow and Prefect identities; "dvc": {path: md5} of the data and artifacts}."""
-    import hashlib
-    import os
-
     git = tracking.git_state(paths.root)
     lock = paths.root / "dvc.lock"
     found = {"git commit": git["git_commit"] + (" (uncommitted changes)" if git["git_dirty"] == "true" else ""),
