@@ -182,20 +182,6 @@ def read_report(root: Path, name: str) -> dict:
     return tracking.read_report(Paths(root), name)
 
 
-def git_revision(root: Path) -> str:
-    state = tracking.git_state(root)
-    if state["git_commit"] == "unknown":
-        return "not a git checkout"
-    return state["git_commit"][:7] + (" (uncommitted changes)" if state["git_dirty"] == "true" else "")
-
-
-def lock_digest(root: Path) -> str:
-    import hashlib
-
-    lock = root / "dvc.lock"
-    return hashlib.md5(lock.read_bytes()).hexdigest() if lock.is_file() else "none"
-
-
 def summary_markdown(root: Path, outcomes: list[dict], pushed: str) -> str:
     evaluation, registered = read_report(root, "evaluate"), read_report(root, "register")
     test = evaluation.get("test", {})
@@ -219,8 +205,8 @@ def summary_markdown(root: Path, outcomes: list[dict], pushed: str) -> str:
         "## Report", "",
         f"- [reports/report.html]({page}); MLflow copy: `{logged}`", "",
         "## Revisions", "",
-        f"- git: {git_revision(root)}",
-        f"- dvc.lock md5: `{lock_digest(root)}`",
+        f"- git: {tracking.git_revision(root)}",
+        f"- dvc.lock md5: `{tracking.lock_digest(root)}`",
         f"- DVC remote: {pushed}", "",
     ]
     return "\n".join(lines)
@@ -302,7 +288,7 @@ def record_lock(root: str) -> None:
     uri = tracking.tracking_uri(settings.tracking_uri, Paths(Path(root)))
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.log_artifact(registered["run_id"], str(Path(root) / "dvc.lock"))
-    client.set_tag(registered["run_id"], "dvc_lock_md5", lock_digest(Path(root)))
+    client.set_tag(registered["run_id"], "dvc_lock_md5", tracking.lock_digest(Path(root)))
 
 
 def lock_entry(root: Path, stage: str) -> str:

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 START, END = -1, -2  # sentence boundary symbols, outside any tokenizer's id range
@@ -94,20 +95,22 @@ class KneserNeyBigram:
         return math.exp(-total / count)
 
 
+def class_counts(sequences: Iterable[Sequence[int]], vocab_size: int) -> np.ndarray:
+    """How often each output class occurs: the pieces (ids), then the end symbol at index ``vocab_size``."""
+    sequences = list(sequences)
+    pieces = np.fromiter((piece for sequence in sequences for piece in sequence), dtype=np.int64)
+    counts = np.bincount(pieces, minlength=vocab_size + 1)
+    counts[vocab_size] += len(sequences)
+    return counts
+
+
 def unigram_perplexity(train: Iterable[Sequence[int]], heldout: Iterable[Sequence[int]], vocab_size: int) -> float:
     """Add-one unigram model (pieces and the end symbol): the floor any context should beat."""
-    counts: Counter = Counter()
-    for sequence in train:
-        counts.update([*sequence, END])
-    total, classes = sum(counts.values()), vocab_size + 1
-    log_sum, count = 0.0, 0
-    for sequence in heldout:
-        for word in [*sequence, END]:
-            log_sum += math.log((counts[word] + 1) / (total + classes))
-            count += 1
-    if count == 0:
+    counts, scored = class_counts(train, vocab_size), class_counts(heldout, vocab_size)
+    if scored.sum() == 0:
         raise ValueError("no sequences to score")
-    return math.exp(-log_sum / count)
+    log_probs = np.log((counts + 1) / (counts.sum() + vocab_size + 1))
+    return math.exp(-float(scored @ log_probs) / scored.sum())
 
 
 def context_distribution(model: KneserNeyBigram, previous: int, vocab_size: int) -> dict[int, float]:
@@ -140,11 +143,7 @@ def lstm_batch(sequences: Sequence[Sequence[int]], vocab_size: int):
 
 def frequency_rank(sequences: Iterable[Sequence[int]], vocab_size: int) -> torch.Tensor:
     """rank[c] of every output class (pieces, then the end symbol ``vocab_size``): 0 is the most frequent."""
-    counts = torch.zeros(vocab_size + 1, dtype=torch.long)
-    for sequence in sequences:
-        counts[vocab_size] += 1
-        counts.index_add_(0, torch.as_tensor(list(sequence), dtype=torch.long),
-                          torch.ones(len(sequence), dtype=torch.long))
+    counts = torch.from_numpy(class_counts(sequences, vocab_size))
     order = torch.sort(counts, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))

@@ -38,7 +38,7 @@ def sample(sentences: list[str], limit: int | None, seed: int) -> list[str]:
     return [sentences[i] for i in keep]
 
 
-def read_split(paths: Paths, split: str, tokenizer, limit: int | None, seed: int) -> list[list[int]]:
+def read_pieces(paths: Paths, split: str, tokenizer, limit: int | None, seed: int) -> list[list[int]]:
     ids = piece_ids(tokenizer, sample(read_sentences(paths.corpus / f"{split}.parquet"), limit, seed))
     if not ids:
         raise InputError(f"{paths.corpus / f'{split}.parquet'}: no sentences with word pieces; "
@@ -65,8 +65,8 @@ def lstm_figures(train: list[list[int]], heldout: list[list[int]], vocab_size: i
     losses = lm.train_lstm(model, train, vocab_size, params.max_steps, params.batch_size, params.learning_rate,
                            params.seed, budget)
     trained = time.perf_counter() - started
-    figures = {"steps": len(losses), "sentences_seen": len(losses) * min(params.batch_size, len(train)),
-               "epochs": round(len(losses) * min(params.batch_size, len(train)) / len(train), 3),
+    seen = len(losses) * min(params.batch_size, len(train))  # train_lstm draws min(batch, rows) per step
+    figures = {"steps": len(losses), "sentences_seen": seen, "epochs": round(seen / len(train), 3),
                "parameters": sum(p.numel() for p in model.parameters()),
                "train_seconds": round(trained, 1),
                "final_train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
@@ -92,8 +92,8 @@ def run(params: LmBaselinesParams, paths: Paths) -> dict:
     torch.manual_seed(params.lstm.seed)
     tokenizer = load_tokenizer(paths.tokenizer)
     vocab_size = len(tokenizer)
-    train = read_split(paths, "train", tokenizer, params.max_train_sentences, params.lstm.seed)
-    heldout = read_split(paths, "heldout", tokenizer, None, params.lstm.seed)
+    train = read_pieces(paths, "train", tokenizer, params.max_train_sentences, params.lstm.seed)
+    heldout = read_pieces(paths, "heldout", tokenizer, None, params.lstm.seed)
     figures = {
         "tokens": {"vocab_size": vocab_size, "train_sentences": len(train), "train_pieces": sum(map(len, train)),
                    "heldout_sentences": len(heldout), "heldout_pieces": sum(map(len, heldout)),

@@ -12,8 +12,6 @@ missing gets a line saying so; the page is still written. Run: ``bertflow report
 from __future__ import annotations
 
 import base64
-import csv
-import hashlib
 import html
 import io
 import logging
@@ -23,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from tasks import tracking
-from tasks.io import read_column
+from tasks.io import read_column, write_text
 from tasks.params import Params
 from tasks.paths import Paths
 
@@ -110,13 +108,6 @@ def page(title: str, subtitle: str, sections: dict[str, str]) -> str:
 # ---------------------------------------------------------------- charts (matplotlib → PNG bytes)
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
 def line_chart(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str) -> bytes:
     import matplotlib
 
@@ -140,11 +131,11 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], xlabel: str, 
 
 
 def curve(path: Path, x: str, columns: list[str]) -> dict[str, tuple[list[float], list[float]]]:
-    """Columns of a metrics CSV as chart series (rows with an empty cell left out)."""
-    rows = read_rows(path)
+    """Columns of a metrics CSV (tracking's reader) as chart series; rows without the column left out."""
+    rows = [{"step": float(step), **values} for step, values in tracking.read_curve(path)]
     series = {}
     for column in columns:
-        points = [(float(row[x]), float(row[column])) for row in rows if row.get(column) not in (None, "")]
+        points = [(row[x], row[column]) for row in rows if column in row and x in row]
         if points:
             series[column] = ([p[0] for p in points], [p[1] for p in points])
     return series
@@ -356,10 +347,7 @@ def lineage_section(lineage: dict) -> str:
 
 def lineage(paths: Paths, registered: dict) -> dict[str, dict[str, str]]:
     """{"run": git, dvc.lock, MLflow and Prefect identities; "dvc": {path: md5} of the data and artifacts}."""
-    git = tracking.git_state(paths.root)
-    lock = paths.root / "dvc.lock"
-    found = {"git commit": git["git_commit"] + (" (uncommitted changes)" if git["git_dirty"] == "true" else ""),
-             "dvc.lock md5": hashlib.md5(lock.read_bytes()).hexdigest() if lock.is_file() else "no dvc.lock",
+    found = {"git commit": tracking.git_revision(paths.root), "dvc.lock md5": tracking.lock_digest(paths.root),
              "MLflow run": registered.get("run_id", "not registered"),
              "MLflow experiment": registered.get("experiment", "–"),
              "MLflow tracking": registered.get("tracking_uri", "–"),
@@ -368,7 +356,7 @@ def lineage(paths: Paths, registered: dict) -> dict[str, dict[str, str]]:
     api = os.environ.get("PREFECT_API_URL", "")
     if api and tracking.prefect_flow_run_id():
         found["Prefect flow run page"] = f"{api.removesuffix('/api')}/runs/flow-run/{tracking.prefect_flow_run_id()}"
-    outputs = {path: md5 for path, md5 in tracking.dvc_lock_hashes(lock).items()
+    outputs = {path: md5 for path, md5 in tracking.dvc_lock_hashes(paths.root / "dvc.lock").items()
                if not path.startswith(("tasks/", "../"))}
     return {"run": found, "dvc": outputs}
 
@@ -384,12 +372,6 @@ def build(params: Params, paths: Paths, reports: dict, found_lineage: dict) -> d
             "language-models": language_models_section(reports, paths),
             "attention": attention_section(reports, paths), "variants": variants_section(reports),
             "registry": registry_section(reports), "lineage": lineage_section(found_lineage)}
-
-
-def write_page(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def log_to_mlflow(params: Params, paths: Paths, registered: dict, page_path: Path) -> dict:
@@ -422,8 +404,7 @@ def run(params: Params, paths: Paths) -> dict:
     subtitle = (f"{time.strftime('%Y-%m-%d %H:%M %Z')} · version {registered.get('version', '–')} · "
                 f"stages reported: {', '.join(reports) or 'none'}")
     target = paths.reports / "report.html"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_page(target, page(title, subtitle, sections))
+    write_text(target, page(title, subtitle, sections))
     figures = {"sections": list(sections), "missing": [stage for stage in REPORTED if stage not in reports],
                "images": sum(body.count("<img ") for body in sections.values()),
                "bytes": target.stat().st_size}

@@ -121,6 +121,22 @@ def git_state(root: Path) -> dict[str, str]:
     return {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
+def git_revision(root: Path) -> str:
+    """The short commit, marked when the work tree has uncommitted changes (for people to read)."""
+    state = git_state(root)
+    if state["git_commit"] == "unknown":
+        return "not a git checkout"
+    return state["git_commit"][:7] + (" (uncommitted changes)" if state["git_dirty"] == "true" else "")
+
+
+def lock_digest(root: Path) -> str:
+    """md5 of dvc.lock: one value naming every data set and artifact of the run ("none" without one)."""
+    import hashlib
+
+    lock = root / "dvc.lock"
+    return hashlib.md5(lock.read_bytes()).hexdigest() if lock.is_file() else "none"
+
+
 def prefect_flow_run_id() -> str | None:
     """The Prefect flow run this process belongs to, if any (in-process runtime, or inherited env)."""
     flow_run = os.environ.get("PREFECT__FLOW_RUN_ID")

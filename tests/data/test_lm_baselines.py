@@ -6,17 +6,13 @@ import json
 import pytest
 
 from tasks.io import InputError
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_outputs
 
 
 def test_lm_baselines_stage_reports_perplexities_and_a_loss_curve(tiny_run, tmp_path):
-    import shutil
-
     from tasks.cli import run_stage
 
-    root = tmp_path / "project"
-    for name in ("data", "artifacts"):
-        shutil.copytree(tiny_run / name, root / name)
+    root = copy_outputs(tiny_run, tmp_path / "project")
     figures = run_stage("lm_baselines", REPO / "params.tiny.yaml", root)
     assert json.loads((root / "reports" / "lm_baselines.json").read_text()) == figures
     tokens, bigram, lstm = figures["tokens"], figures["bigram"], figures["lstm"]
@@ -33,15 +29,11 @@ def test_lm_baselines_stage_reports_perplexities_and_a_loss_curve(tiny_run, tmp_
 
 
 def test_an_empty_heldout_split_is_named(tiny_run, tmp_path):
-    import shutil
-
     import pyarrow.parquet as pq
 
     from tasks.cli import run_stage
 
-    root = tmp_path / "project"
-    for name in ("data", "artifacts"):
-        shutil.copytree(tiny_run / name, root / name)
+    root = copy_outputs(tiny_run, tmp_path / "project")
     heldout = root / "data" / "corpus" / "heldout.parquet"
     table = pq.read_table(heldout)
     pq.write_table(table.slice(0, 0), heldout)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -91,10 +90,7 @@ def test_flatten_numeric_curves_and_lock(tmp_path):
 @pytest.fixture
 def trained_copy(tiny_trained, tmp_path):
     """A private copy of the tiny trained project (registering writes mlruns/ and reports/)."""
-    root = tmp_path / "project"
-    for name in ("data", "artifacts", "reports"):
-        shutil.copytree(tiny_trained / name, root / name, ignore=shutil.ignore_patterns("*_checkpoints"))
-    return root
+    return copy_outputs(tiny_trained, tmp_path / "project")
 
 
 def client_for(uri: str):

@@ -81,13 +81,9 @@ def test_the_chromium_check_sees_a_broken_image(tmp_path):
 
 
 def test_a_partial_run_still_gets_a_page_naming_what_is_missing(tiny_run, tmp_path):
-    import shutil
-
     from tasks.cli import run_stage
 
-    root = tmp_path / "project"
-    for name in ("data", "artifacts", "reports"):
-        shutil.copytree(tiny_run / name, root / name)
+    root = copy_outputs(tiny_run, tmp_path / "project")
     figures = run_stage("report", REPO / "params.tiny.yaml", root)
     assert figures["sections"] == list(SECTIONS)
     assert {"pretrain", "finetune", "evaluate", "register"} <= set(figures["missing"])
