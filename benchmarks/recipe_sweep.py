@@ -73,10 +73,6 @@ def build_data(data_section: dict, root: Path, source: Path) -> None:
         pretrain_data.run(PretrainDataParams(**data_section), Paths(root))
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def pretrain_tokens(trial: dict, params: dict, root: Path, device, token_budget: int) -> tuple[Path, dict]:
     import torch
 
@@ -104,7 +100,7 @@ def pretrain_tokens(trial: dict, params: dict, root: Path, device, token_budget:
             batch = train_b.batch(indices, f"{p.seed}/{state.step}/{micro}")
             state.tokens += int(batch["attention_mask"].sum())
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                out = pretraining_loss(model, to_device(batch, device))
+                out = pretraining_loss(model, tr.to_device(batch, device))
             (out.loss / p.gradient_accumulation_steps).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)
         optimizer.step()
@@ -112,7 +108,7 @@ def pretrain_tokens(trial: dict, params: dict, root: Path, device, token_budget:
         state.step += 1
         if state.step % 100 == 0:
             curve.append((state.step, state.tokens, round(float(out.mlm_loss), 3)))
-    held = heldout(model, held_b, device, pretraining_loss)
+    held = heldout(model, held_b)
     folder = root / "pretrained"
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
@@ -120,22 +116,12 @@ def pretrain_tokens(trial: dict, params: dict, root: Path, device, token_budget:
                     "heldout": held, "curve": curve[-5:]}
 
 
-def heldout(model, batches, device, loss_fn) -> dict:
-    import torch
-    model.eval()
-    totals = [0.0, 0, 0, 0]
-    count = min(2000, len(batches))
-    with torch.no_grad():
-        for start in range(0, count, 128):
-            batch = batches.batch(list(range(start, min(start + 128, count))), "eval")
-            out = loss_fn(model, to_device(batch, device))
-            totals[0] += float(out.mlm_loss) * out.mlm_count
-            totals[1] += out.mlm_count
-            totals[2] += out.mlm_correct
-            totals[3] += out.nsp_correct
-    model.train()
-    return {"mlm_loss": round(totals[0] / totals[1], 4), "mlm_accuracy": round(totals[2] / totals[1], 4),
-            "nsp_accuracy": round(totals[3] / count, 4)}
+def heldout(model, batches) -> dict:
+    """The stage's held-out MLM/NSP figures (on the model's device), on the first 2,000 instances."""
+    from tasks.pretrain import evaluate_pretraining
+
+    figures = evaluate_pretraining(model, batches, 2000, 128, bf16=False)
+    return {key: round(figures[key], 4) for key in ("mlm_loss", "mlm_accuracy", "nsp_accuracy")}
 
 
 def finetune(trial: dict, params: dict, root: Path, init: Path, device, random_init: bool) -> dict:
@@ -175,7 +161,7 @@ def finetune(trial: dict, params: dict, root: Path, init: Path, device, random_i
         order = epoch_order([len(x) for x in train.input_ids], f.batch_size, f.seed, epoch)
         for start in range(0, len(order) - f.batch_size + 1, f.batch_size):
             tr.set_lr(optimizer, f.learning_rate, tr.lr_factor(step / steps_total, f.warmup_fraction))
-            batch = to_device(train.batch(order[start:start + f.batch_size], tokenizer.pad_token_id), device)
+            batch = tr.to_device(train.batch(order[start:start + f.batch_size], tokenizer.pad_token_id), device)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                token_type_ids=batch["token_type_ids"]).logits
@@ -200,19 +186,10 @@ def finetune(trial: dict, params: dict, root: Path, init: Path, device, random_i
 
 
 def predict(model, data, pad_id, device):
-    import numpy as np
-    import torch
-    model.eval()
-    order = sorted(range(len(data.input_ids)), key=lambda i: len(data.input_ids[i]))
-    out = np.zeros(len(order), dtype=np.int64)
-    with torch.no_grad():
-        for start in range(0, len(order), 256):
-            idx = order[start:start + 256]
-            batch = to_device(data.batch(idx, pad_id), device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           token_type_ids=batch["token_type_ids"]).logits
-            out[idx] = logits.argmax(-1).cpu().numpy()
-    return out
+    """Predicted label ids in row order (the stage's own ``predict_logits``, on the model's device)."""
+    from tasks.finetune import predict_logits
+
+    return predict_logits(model, data, pad_id, 256).argmax(-1)
 
 
 def run_trial(trial: dict, params: dict, work: Path, source: Path) -> dict:
@@ -233,7 +210,7 @@ def run_trial(trial: dict, params: dict, work: Path, source: Path) -> dict:
     else:
         root = work / trial["name"]
         link_inputs(root, source)
-        init = Path(trial.get("init_from", str(work / trial["init_trial"] / "pretrained")))
+        init = Path(trial["init_from"]) if "init_from" in trial else work / trial["init_trial"] / "pretrained"
     record["finetune"] = {}
     for seed in trial.get("finetune_seeds", [42]):
         seeded = merged(trial, {"finetune": {"seed": seed}})

@@ -58,11 +58,13 @@ def launch_distributed(stage: str, params_file: str, argv: list[str]) -> int | N
     """Re-run this command under torchrun when params ask for more than one process; None: run here."""
     if stage not in DISTRIBUTED:
         return None
-    settings = load_params(params_file).distributed
+    params = load_params(params_file)
+    settings = params.distributed
     if not distributed.wants_launch(settings):
         return None
+    chosen = distributed.check_launch(settings, getattr(params, stage).device, f"{stage}.device")
     command = distributed.launch_command(settings, argv)
-    logging.getLogger(__name__).info("%s: %s", stage, " ".join(command))
+    logging.getLogger(__name__).info("%s (%s): %s", stage, chosen, " ".join(command))
     return subprocess.run(command, env=distributed.launch_env(settings), check=False).returncode
 
 

@@ -1,11 +1,12 @@
 """Training across processes with PyTorch's own engine (torchrun + DistributedDataParallel).
 
-World size 1 is the plain single-process run, through the same code: ``World()`` is rank 0 of 1,
-and every collective below is the identity there. Under ``torchrun`` the world comes from its
-environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``); the backend is ``gloo``, as the training
-stages compute on the CPU (``nccl`` waits for them to place tensors on GPUs). ``launch_command``
-is how the ``bertflow`` command re-runs itself through torchrun
-when ``distributed.nproc_per_node`` (or ``nnodes``) asks for more than one process.
+World size 1 is the plain single-process run, through the same code: ``World()`` is rank 0 of 1
+on the CPU, and every collective below is the identity there. Under ``torchrun`` the world comes
+from its environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``). Each process computes on one device:
+``cuda:LOCAL_RANK`` when the stage's ``device`` is ``auto`` and CUDA is there (or ``cuda``), else
+the CPU; the backend follows (``nccl`` for GPUs, ``gloo`` for the CPU) unless
+``distributed.backend`` names one. ``launch_command`` is how the ``bertflow`` command re-runs itself
+through torchrun when ``distributed.nproc_per_node`` (or ``nnodes``) asks for more than one process.
 
 Reads the torchrun environment; writes nothing. Only rank 0 writes files (the stages check
 ``World.main``).
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ BACKEND = "BERTFLOW_BACKEND"
 class World:
     size: int = 1
     rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
@@ -41,24 +43,52 @@ class World:
         return self.size > 1
 
 
-def backend(setting: str = "auto") -> str:
-    """``auto``: gloo, since the training stages compute on the CPU (nccl needs tensors on GPUs)."""
-    return "gloo" if setting == "auto" else setting
+def select_device(setting: str, local_rank: int, cuda_devices: int, what: str) -> torch.device:
+    """The device of the process with ``local_rank`` on its node, given the node's CUDA device count.
+
+    ``auto``: its own GPU when the node has CUDA devices, else the CPU; ``cuda`` insists on a GPU;
+    ``cpu`` keeps to the CPU. ``what`` names the setting in the messages (e.g. ``pretrain.device``).
+    """
+    if setting == "cpu" or (setting == "auto" and cuda_devices == 0):
+        return torch.device("cpu")
+    if cuda_devices == 0:
+        raise InputError(f"{what}: cuda, but this machine has no CUDA device (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda or 'no'}); set it to auto or cpu")
+    if local_rank >= cuda_devices:
+        raise InputError(f"distributed.nproc_per_node: process {local_rank} of this node has no GPU of its own "
+                         f"(the node has {cuda_devices}); ask for at most {cuda_devices} processes per node, "
+                         f"or set {what}: cpu")
+    return torch.device("cuda", local_rank)
 
 
-def init_world() -> World:
-    """Join the process group torchrun set up (once per process); world size 1 joins nothing."""
+def backend(setting: str, device: torch.device) -> str:
+    """``auto``: nccl between GPUs, gloo between CPU processes; nccl cannot carry CPU tensors."""
+    if setting == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if setting == "nccl" and device.type != "cuda":
+        raise InputError("distributed.backend: nccl needs the training on GPUs, but it runs on the CPU; "
+                         "set distributed.backend to auto or gloo")
+    return setting
+
+
+def init_world(device_setting: str = "auto", what: str = "device") -> World:
+    """Join the process group torchrun set up (once per process) on this process's device;
+    world size 1 joins nothing."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(device_setting, local_rank, torch.cuda.device_count(), what)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl's object collectives use the current device
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World()
+        return World(device=device)
     if not dist.is_initialized():
-        dist.init_process_group(backend(os.environ.get(BACKEND, "auto")))
-    return World(size=dist.get_world_size(), rank=dist.get_rank())
+        dist.init_process_group(backend(os.environ.get(BACKEND, "auto"), device))
+    return World(size=dist.get_world_size(), rank=dist.get_rank(), device=device)
 
 
 def leave_world(world: World) -> None:
     if world.distributed and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(device_ids=[world.device.index] if world.device.type == "cuda" else None)
         dist.destroy_process_group()
 
 
@@ -68,6 +98,8 @@ def wrap(module: torch.nn.Module, world: World) -> torch.nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
+    if world.device.type == "cuda":
+        return DistributedDataParallel(module, device_ids=[world.device.index], output_device=world.device.index)
     return DistributedDataParallel(module)
 
 
@@ -88,7 +120,7 @@ def broadcast_float(value: float, world: World) -> float:
     """Rank 0's value on every rank (the time budget must end on the same step everywhere)."""
     if not world.distributed:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=world.device)  # nccl carries GPU tensors only
     dist.broadcast(tensor, src=0)
     return float(tensor.item())
 
@@ -105,7 +137,7 @@ def all_reduce(values: Sequence[float], world: World, mean: bool) -> list[float]
     """Sum (or mean) of each value over the ranks, for logs and counters."""
     if not world.distributed:
         return list(values)
-    tensor = torch.tensor(list(values), dtype=torch.float64)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=world.device)
     dist.all_reduce(tensor)
     if mean:
         tensor /= world.size
@@ -136,6 +168,12 @@ def launch_command(settings, argv: Sequence[str]) -> list[str]:
         command += [f"--nnodes={settings.nnodes}", "--rdzv-backend=c10d",
                     f"--rdzv-endpoint={settings.rdzv_endpoint}", f"--rdzv-id={settings.rdzv_id}"]
     return [*command, "-m", "tasks.cli", *argv]
+
+
+def check_launch(settings, device_setting: str, what: str) -> str:
+    """Before starting processes: every local rank has a device and the backend suits them; the backend."""
+    device = select_device(device_setting, settings.nproc_per_node - 1, torch.cuda.device_count(), what)
+    return backend(settings.backend, device)
 
 
 def launch_env(settings) -> dict:

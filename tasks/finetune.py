@@ -78,18 +78,19 @@ def class_weights(labels: list[int], num_labels: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(model, data: Encoded, pad_id: int, batch_size: int, bf16: bool = False) -> np.ndarray:
-    """Logits for every row, computed in length-sorted batches (little padding), returned in row order."""
+    """Logits for every row, computed in length-sorted batches (little padding) on the model's device,
+    returned in row order."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(data.input_ids)), key=lambda i: len(data.input_ids[i]))
     out = np.zeros((len(order), model.config.num_labels), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
-        batch = data.batch(indices, pad_id)
-        with tr.autocast(bf16):
+        batch = tr.to_device(data.batch(indices, pad_id), model.device)
+        with tr.autocast(bf16, model.device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            token_type_ids=batch["token_type_ids"]).logits
-        out[indices] = logits.float().numpy()
+        out[indices] = logits.float().cpu().numpy()
     model.train(was_training)
     return out
 
@@ -123,7 +124,7 @@ def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams
     optimizer = tr.adamw(model, params.learning_rate, params.weight_decay)
     steps_per_epoch = len(train.labels) // params.batch_size
     budget = tr.Budget(max_steps=steps_per_epoch * params.epochs)
-    weights = class_weights(train.labels, model.config.num_labels) if params.class_weights else None
+    weights = class_weights(train.labels, model.config.num_labels).to(world.device) if params.class_weights else None
     state, best = FinetuneState(), copy.deepcopy(model.state_dict())
     if saved:
         model.load_state_dict(saved["model"])
@@ -139,7 +140,8 @@ def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams
             lr = tr.set_lr(optimizer, params.learning_rate,
                            tr.lr_factor(budget.progress(state.step, 0), params.warmup_fraction))
             indices = dd.rank_share(order[state.cursor: state.cursor + params.batch_size], world)
-            loss = classification_step(forward, train.batch(indices, pad_id), weights, bf16, world)
+            batch = tr.to_device(train.batch(indices, pad_id), world.device)
+            loss = classification_step(forward, batch, weights, bf16, world)
             torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -165,7 +167,7 @@ def classification_step(forward, batch: dict, weights: torch.Tensor | None, bf16
     Each process's mean loss is weighted by its share of the batch's total (class) weight, so DDP's
     gradient average equals the gradient of the global batch's loss on one process.
     """
-    with tr.autocast(bf16):
+    with tr.autocast(bf16, world.device):
         logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          token_type_ids=batch["token_type_ids"]).logits
     loss = F.cross_entropy(logits.float(), batch["labels"], weight=weights)
@@ -218,7 +220,7 @@ def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], 
     dd.check_split(params.batch_size, world, "finetune.batch_size")
     torch.manual_seed(params.seed)
     model = load_classifier(source, labels, params.classifier_dropout, random_init=random_init,
-                            encoder_dropout=params.encoder_dropout)
+                            encoder_dropout=params.encoder_dropout).to(world.device)
     torch.manual_seed(params.seed + world.rank)  # the same weights everywhere, each process its own dropout
     model.set_attn_implementation(params.attention)  # a run-time choice: the saved config keeps the default
     check_vocab(model.config, len(tokenizer), str(source))
@@ -227,7 +229,8 @@ def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], 
     dev = encode(tokenizer, *read_split(paths, "dev"), params.max_seq_length)
     fingerprint = {"init": str(source), "random_init": random_init, "labels": labels,
                    "params": params.model_dump(exclude={"checkpoint_every_steps", "checkpoint_every_minutes",
-                                                         "keep_checkpoints", "num_threads", "random_init_ablation"}),
+                                                         "keep_checkpoints", "num_threads", "random_init_ablation",
+                                                         "device"}),
                    "rows": {"train": len(train.labels), "dev": len(dev.labels)}}
     store = tr.CheckpointStore(paths.finetune_checkpoints / name, fingerprint, params.keep_checkpoints)
     latest = dd.open_checkpoints(store, world)
@@ -235,13 +238,13 @@ def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], 
     curve = tr.metrics_log(paths.reports / "finetune" / f"{name}.csv", EPOCH_FIELDS,
                            saved["loop"]["step"] if saved else None, world.main)
     summary = train_classifier(model, train, dev, params, tokenizer.pad_token_id, store, curve,
-                               tr.use_bf16(params.bf16), saved, world)
+                               tr.use_bf16(params.bf16, world.device), saved, world)
     return model, {**summary, "resumed_from_step": saved["loop"]["step"] if saved else 0, "store": store}
 
 
 def run(params: FinetuneParams, paths: Paths) -> dict:
     """One process, or one rank of a torchrun world (rank 0 writes; every rank computes)."""
-    world = dd.init_world()
+    world = dd.init_world(params.device, "finetune.device")
     source = init_folder(params, paths)
     tokenizer = load_tokenizer(source)
     labels = read_json(paths.labeled / "labels.json")["labels"]
@@ -262,10 +265,11 @@ def run(params: FinetuneParams, paths: Paths) -> dict:
         for store in stores:
             store.mark_complete()
     dd.leave_world(world)
-    return {"init": str(params.init), "labels": labels, "processes": world.size, **figures}
+    return {"init": str(params.init), "labels": labels, "processes": world.size, "device": str(world.device),
+            **figures}
 
 
 def _save(model, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
+    model.cpu().save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))

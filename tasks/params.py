@@ -111,6 +111,8 @@ class PretrainDataParams(Section):
 
 
 Bf16 = bool | Literal["auto"]
+Device = Literal["auto", "cpu", "cuda"]
+DEVICE_HELP = "auto: each process its own GPU (cuda:LOCAL_RANK) when CUDA is there, else the CPU"
 
 
 class BertModelParams(Section):
@@ -151,7 +153,8 @@ class PretrainParams(BudgetFields):
     adam_epsilon: float = Field(1e-6, gt=0)
     warmup_fraction: float = Field(0.06, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
-    bf16: Bf16 = Field("auto", description="bf16 autocast: true, false, or auto (when the CPU has bf16)")
+    device: Device = Field("auto", description=DEVICE_HELP)
+    bf16: Bf16 = Field("auto", description="bf16 autocast: true, false, or auto (when the device has bf16)")
     attention: Literal["eager", "sdpa"] = Field(
         "eager", description="attention kernel while pretraining (eager beats CPU SDPA at these lengths)")
     compile_loss: bool = Field(True, description="torch.compile the masked-LM loss (needs a C++ compiler)")
@@ -203,6 +206,7 @@ class FinetuneParams(Section):
     classifier_dropout: float = Field(0.1, ge=0, lt=1)
     encoder_dropout: float | None = Field(None, ge=0, lt=1, description="null: keep the starting model's rates")
     max_grad_norm: float = Field(1.0, gt=0)
+    device: Device = Field("auto", description=DEVICE_HELP)
     bf16: Bf16 = "auto"
     attention: Literal["eager", "sdpa"] = Field("eager", description="attention kernel while fine-tuning")
     checkpoint_every_steps: int | None = Field(None, ge=1)
@@ -339,11 +343,11 @@ class ScheduleParams(Section):
 class DistributedParams(Section):
     """pretrain and finetune across processes (torchrun + DDP); 1 process on 1 node is the plain run."""
 
-    nproc_per_node: int = Field(1, ge=1, description="processes on this node (CPU: at most the cores; GPU: GPUs)")
+    nproc_per_node: int = Field(1, ge=1, description="processes here (CPU: at most the cores; GPU: one per GPU)")
     nnodes: int = Field(1, ge=1, description="nodes; more than one needs rdzv_endpoint")
     rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous (multi-node)")
     rdzv_id: str = Field("bertflow", min_length=1, description="rendezvous id shared by the nodes of one run")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: gloo (training runs on the CPU)")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPUs, gloo on the CPU")
     work_pool: str | None = Field(None, description="Prefect work pool for pretrain/finetune (null: run in the flow)")
     deployment: str = Field("training", min_length=1, description="name of the bertflow-stage deployment there")
 

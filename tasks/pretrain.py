@@ -114,14 +114,16 @@ def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate_pretraining(model, batches: PretrainBatches, limit: int | None, batch_size: int, bf16: bool) -> dict:
-    """Held-out MLM loss/accuracy (token-weighted) and NSP accuracy, on the first ``limit`` instances."""
+    """Held-out MLM loss/accuracy (token-weighted) and NSP accuracy, on the first ``limit`` instances
+    (computed on the model's device)."""
     was_training = model.training
     model.eval()
     count = min(limit or len(batches), len(batches))
     mlm_loss = mlm_correct = mlm_count = nsp_correct = 0.0
     for start in range(0, count, batch_size):
-        batch = batches.batch(list(range(start, min(start + batch_size, count))), mask_seed="eval")
-        with tr.autocast(bf16):
+        batch = tr.to_device(batches.batch(list(range(start, min(start + batch_size, count))), mask_seed="eval"),
+                             model.device)
+        with tr.autocast(bf16, model.device):
             out = pretraining_loss(model, batch)
         mlm_loss += float(out.mlm_loss) * out.mlm_count
         mlm_correct += out.mlm_correct
@@ -138,7 +140,8 @@ def evaluate_pretraining(model, batches: PretrainBatches, limit: int | None, bat
 
 @dataclass
 class StepSettings:
-    """How a training step computes: bf16 autocast or not, the masked-LM loss function, the process world."""
+    """How a training step computes: bf16 autocast or not, the masked-LM loss function, the process world
+    (which holds this process's device)."""
 
     bf16: bool
     mlm_loss: Callable = masked_lm_loss
@@ -146,8 +149,8 @@ class StepSettings:
 
     @classmethod
     def from_params(cls, params: PretrainParams, world: dd.World) -> StepSettings:
-        return cls(tr.use_bf16(params.bf16), compiled_masked_lm_loss() if params.compile_loss else masked_lm_loss,
-                   world)
+        loss = compiled_masked_lm_loss() if params.compile_loss else masked_lm_loss
+        return cls(tr.use_bf16(params.bf16, world.device), loss, world)
 
 
 class PretrainingStep(torch.nn.Module):
@@ -245,10 +248,10 @@ def accumulate(stepper, batches, params, state, order_cache, settings: StepSetti
     sums = [0.0, 0.0, 0.0, 0.0]  # mlm loss × masked tokens, masked tokens, nsp loss, non-padding tokens
     for micro in range(steps):
         indices = dd.rank_share(next_indices(state, batches, params.batch_size, order_cache), world)
-        batch = batches.batch(indices, mask_seed=f"{params.seed}/{state.step}/{micro}")
+        batch = tr.to_device(batches.batch(indices, mask_seed=f"{params.seed}/{state.step}/{micro}"), world.device)
         sync = micro == steps - 1 or not world.distributed
         with nullcontext() if sync else stepper.no_sync():
-            with tr.autocast(settings.bf16):
+            with tr.autocast(settings.bf16, world.device):
                 out = stepper(batch)
             masked = dd.all_reduce([out.mlm_count], world, mean=False)[0]
             share = out.mlm_count * world.size / max(masked, 1)
@@ -294,14 +297,14 @@ def load_data(paths: Paths, tokenizer, params: PretrainParams) -> tuple[Pretrain
 
 def run(params: PretrainParams, paths: Paths) -> dict:
     """One process, or one rank of a torchrun world (rank 0 writes; every rank computes)."""
-    world = dd.init_world()
+    world = dd.init_world(params.device, "pretrain.device")
     threads = tr.set_threads(params.num_threads)
     tokenizer = load_tokenizer(paths.tokenizer)
     train_batches, eval_batches, info = load_data(paths, tokenizer, params)
     dd.check_split(params.batch_size, world, "pretrain.batch_size")
     config = construct_config(params.model, len(tokenizer), tokenizer.pad_token_id)
     check_positions(config, info["params"]["max_seq_length"], "pretrain.model.max_position_embeddings")
-    model = construct_pretraining_model(config, params.seed, params.attention)
+    model = construct_pretraining_model(config, params.seed, params.attention).to(world.device)
     optimizer = tr.adamw(model, params.learning_rate, params.weight_decay, betas=tuple(params.adam_betas),
                          eps=params.adam_epsilon)
     fingerprint = run_fingerprint(params, config, info)
@@ -313,22 +316,23 @@ def run(params: PretrainParams, paths: Paths) -> dict:
     final_eval = train(model, optimizer, train_batches, eval_batches, params, store, state, logs, settings)
     if world.main:
         with atomic_dirs([paths.pretrained]) as (folder,):
-            model.save_pretrained(str(folder))
+            model.cpu().save_pretrained(str(folder))
             tokenizer.save_pretrained(str(folder))
         store.mark_complete()
     dd.leave_world(world)
     return {"steps": state.step, "epochs": round(state.epoch + state.cursor / len(train_batches), 3),
             "tokens": state.tokens, "seconds": round(state.seconds, 1),
             "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9)), "bf16": settings.bf16,
-            "threads": threads, "processes": world.size,
+            "device": str(world.device), "threads": threads, "processes": world.size,
             "parameters": sum(p.numel() for p in model.parameters()), "resumed_from_step": resumed_from or 0,
             "heldout": final_eval}
 
 
 def run_fingerprint(params: PretrainParams, config, info: dict) -> dict:
-    """What makes two runs the same run: model config, training params (not logging/checkpointing), data."""
+    """What makes two runs the same run: model config, training params (not logging/checkpointing, nor
+    the device: a checkpoint resumes on another), data."""
     ignore = {"eval_every", "eval_instances", "checkpoint_every_steps", "checkpoint_every_minutes",
-              "keep_checkpoints", "log_every", "num_threads"}
+              "keep_checkpoints", "log_every", "num_threads", "device"}
     return {"model": config.to_diff_dict(), "training": params.model_dump(exclude=ignore | {"model"}),
             "data": info["figures"]["train"]}
 

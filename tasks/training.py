@@ -22,6 +22,7 @@ import torch
 from tasks.io import InputError, atomic_dirs, read_json, write_json
 
 log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layernorm", "layer_norm")
 
 
@@ -44,12 +45,20 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def use_bf16(setting: bool | str) -> bool:
-    return cpu_supports_bf16() if setting == "auto" else bool(setting)
+def use_bf16(setting: bool | str, device: torch.device = CPU) -> bool:
+    """``auto``: bf16 where the device computes it natively (a recent CPU; a GPU from Ampere on)."""
+    if setting != "auto":
+        return bool(setting)
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
 
 
-def autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+def autocast(enabled: bool, device: torch.device = CPU):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch (built on the CPU) on the model's device; on the CPU the same tensors."""
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -121,13 +130,19 @@ def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, pool
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_initialized():  # dropout on a GPU draws from the CUDA generators
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng(state: dict) -> None:
+    """The generators as they were; CUDA's only where the checkpoint has them for as many devices."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------- metrics
@@ -227,7 +242,9 @@ class CheckpointStore:
 
     @staticmethod
     def load(path: Path) -> dict:
-        return torch.load(path / "state.pt", weights_only=False)
+        """The saved state on the CPU, whatever device saved it; ``load_state_dict`` moves it to the
+        model's device, so a run resumes on a GPU, on the CPU or on a different GPU count."""
+        return torch.load(path / "state.pt", weights_only=False, map_location="cpu")
 
     def mark_complete(self) -> None:
         write_json(self.folder / "run.json", {"fingerprint": self.fingerprint, "complete": True})

@@ -2,6 +2,9 @@
 
 Equivalence runs in fp32 without dropout (dropout draws differ per process by design), so the only
 differences left are the order of floating-point sums: every logged loss must agree within 1e-4.
+The CPU runs pin ``device: cpu``, so they mean the same on a machine with GPUs. The GPU tests at the
+end (one GPU against the CPU; a CPU checkpoint resumed on a GPU; nccl across two GPUs) run only where
+CUDA is; CI has none and skips them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -25,7 +29,7 @@ from tasks import training as tr
 from tasks.params import write_params_copy
 from tests.conftest import REPO
 
-SAME_MATHS = {"bf16": False, "compile_loss": False}
+SAME_MATHS = {"bf16": False, "compile_loss": False, "device": "cpu"}
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
@@ -111,6 +115,7 @@ def test_two_processes_pretrain_like_one(pretrained_both_ways):
     assert float(one[-1]["mlm_loss"]) < float(one[0]["mlm_loss"])  # it did learn
     reports = [json.loads((pretrained_both_ways[n] / "reports" / "pretrain.json").read_text()) for n in (1, 2)]
     assert [r["processes"] for r in reports] == [1, 2]
+    assert [r["device"] for r in reports] == ["cpu", "cpu"]
     assert reports[0]["tokens"] == reports[1]["tokens"]  # the same global batches, all ranks counted
     weights = [load_file(pretrained_both_ways[n] / "artifacts" / "pretrained" / "model.safetensors") for n in (1, 2)]
     worst = max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
@@ -126,7 +131,7 @@ def test_only_rank_zero_writes(pretrained_both_ways):
 
 def test_two_processes_finetune_like_one(pretrained_both_ways, tmp_path):
     overrides = {"bf16": False, "epochs": 1, "classifier_dropout": 0.0, "encoder_dropout": 0.0,
-                 "random_init_ablation": False, "batch_size": 32}
+                 "random_init_ablation": False, "batch_size": 32, "device": "cpu"}
     figures = []
     for processes in (1, 2):
         root = copy_root(pretrained_both_ways[1], tmp_path / str(processes), ("data", "artifacts"))
@@ -180,3 +185,123 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tiny_run, tmp_path
     assert report["resumed_from_step"] >= 5 and report["steps"] == 80
     a, b = (load_file(root / "artifacts" / "pretrained" / "model.safetensors") for root in (whole, broken))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+# ---------------------------------------------------------------- devices and backends
+
+
+def test_each_process_gets_its_own_gpu_or_the_cpu():
+    assert dd.select_device("auto", 0, 0, "pretrain.device") == torch.device("cpu")
+    assert dd.select_device("auto", 1, 2, "pretrain.device") == torch.device("cuda", 1)
+    assert dd.select_device("cpu", 1, 2, "pretrain.device") == torch.device("cpu")
+    assert dd.select_device("cuda", 0, 1, "finetune.device") == torch.device("cuda", 0)
+    with pytest.raises(Exception, match=r"finetune.device: cuda, but this machine has no CUDA device"):
+        dd.select_device("cuda", 0, 0, "finetune.device")
+    with pytest.raises(Exception, match=r"process 2 of this node has no GPU of its own \(the node has 2\)"):
+        dd.select_device("auto", 2, 2, "pretrain.device")
+
+
+def test_the_backend_follows_the_device():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert dd.backend("auto", cpu) == "gloo" and dd.backend("auto", gpu) == "nccl"
+    assert dd.backend("gloo", gpu) == "gloo"  # allowed: gloo carries GPU tensors too, slowly
+    with pytest.raises(Exception, match="distributed.backend: nccl needs the training on GPUs"):
+        dd.backend("nccl", cpu)
+
+
+def test_autocast_and_bf16_follow_the_device():
+    cpu = torch.device("cpu")
+    assert tr.use_bf16(True, cpu) and not tr.use_bf16(False, cpu)
+    assert tr.use_bf16("auto", cpu) == tr.cpu_supports_bf16()
+    with tr.autocast(True, cpu):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    batch = tr.to_device({"input_ids": torch.ones(2, 3, dtype=torch.long)}, cpu)
+    assert batch["input_ids"].device == cpu
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="these refusals are for a machine without CUDA")
+@pytest.mark.parametrize(("pretrain", "distributed", "message"), [
+    ({"device": "cuda"}, {}, "pretrain.device: cuda, but this machine has no CUDA device"),
+    ({}, {"nproc_per_node": 2, "backend": "nccl"}, "distributed.backend: nccl needs the training on GPUs"),
+    ({"device": "cuda"}, {"nproc_per_node": 2}, "pretrain.device: cuda, but this machine has no CUDA device"),
+])
+def test_a_gpu_setting_without_a_gpu_is_one_message_before_anything_runs(tiny_run, tmp_path, pretrain, distributed,
+                                                                         message):
+    root = copy_root(tiny_run, tmp_path / "root")
+    params = write_params_copy(REPO / "params.tiny.yaml", tmp_path / "params.yaml",
+                               {"pretrain": pretrain, "distributed": distributed})
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "--params", str(params), "--root", str(root), "pretrain"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"bertflow pretrain: error: {message}" in done.stderr
+    assert "Traceback" not in done.stderr and "torch.distributed.run" not in done.stderr  # refused before launching
+    assert not (root / "artifacts" / "pretrain_checkpoints").exists() and not (root / "reports").exists()
+
+
+# ---------------------------------------------------------------- on GPUs (skipped where CUDA is not)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (CI has none)")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl across processes needs 2 GPUs")
+GPU_TOLERANCE = 2e-3  # fp32 on both; kernels sum in other orders, and 12 steps compound it
+
+
+def gpu_pretrain(root, processes: int, device: str = "cuda") -> dict:
+    params = params_file(root, pretrain_overrides(device=device), {}, processes)
+    run_cli(params, root, "pretrain")
+    return json.loads((root / "reports" / "pretrain.json").read_text())
+
+
+def assert_losses_agree(cpu_root, gpu_root) -> None:
+    cpu, gpu = (rows(root / "reports" / "pretrain" / "train.csv") for root in (cpu_root, gpu_root))
+    assert [r["step"] for r in cpu] == [r["step"] for r in gpu]
+    for a, b in zip(cpu, gpu, strict=True):
+        for key in ("loss", "mlm_loss", "nsp_loss"):
+            assert abs(float(a[key]) - float(b[key])) < GPU_TOLERANCE, (a["step"], key, a[key], b[key])
+
+
+@needs_cuda
+def test_one_gpu_pretrains_and_finetunes_like_the_cpu(tiny_run, pretrained_both_ways, tmp_path):
+    root = copy_root(tiny_run, tmp_path / "gpu")
+    report = gpu_pretrain(root, 1)
+    assert report["device"] == "cuda:0" and report["processes"] == 1
+    assert_losses_agree(pretrained_both_ways[1], root)
+    weights = load_file(root / "artifacts" / "pretrained" / "model.safetensors")  # saved from the CPU copy
+    assert all(tensor.device.type == "cpu" for tensor in weights.values())
+
+    overrides = {"bf16": False, "epochs": 1, "classifier_dropout": 0.0, "encoder_dropout": 0.0,
+                 "random_init_ablation": False, "batch_size": 32, "class_weights": True}
+    figures = {}
+    for device in ("cpu", "cuda"):
+        folder = copy_root(pretrained_both_ways[1], tmp_path / f"finetune-{device}", ("data", "artifacts"))
+        run_cli(params_file(folder, {}, {**overrides, "device": device}, 1), folder, "finetune")
+        figures[device] = json.loads((folder / "reports" / "finetune.json").read_text())
+    assert figures["cuda"]["device"] == "cuda:0"
+    cpu, gpu = (figures[d]["pretrained"]["history"][-1] for d in ("cpu", "cuda"))
+    assert abs(cpu["train_loss"] - gpu["train_loss"]) < GPU_TOLERANCE, (cpu, gpu)
+
+
+@needs_cuda
+def test_a_cpu_checkpoint_resumes_on_a_gpu(pretrained_both_ways, tmp_path):
+    """The CPU run's step-6 checkpoint, its run marked unfinished, finished on the GPU: the device is
+    not part of the run's fingerprint and the state loads onto whatever device the run has now."""
+    root = tmp_path / "resume"
+    shutil.copytree(pretrained_both_ways[1], root)
+    checkpoints = root / "artifacts" / "pretrain_checkpoints"
+    shutil.rmtree(checkpoints / "step-00000012")
+    run_json = json.loads((checkpoints / "run.json").read_text())
+    (checkpoints / "run.json").write_text(json.dumps({**run_json, "complete": False}))
+    shutil.rmtree(root / "artifacts" / "pretrained")
+    run_cli(params_file(root, pretrain_overrides(device="cuda"), {}, 1), root, "pretrain")
+    report = json.loads((root / "reports" / "pretrain.json").read_text())
+    assert report["resumed_from_step"] == 6 and report["device"] == "cuda:0"
+    a, b = (load_file(r / "artifacts" / "pretrained" / "model.safetensors") for r in (pretrained_both_ways[1], root))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-2
+
+
+@needs_cuda
+@needs_two_gpus
+def test_two_gpus_with_nccl_pretrain_like_one_cpu(tiny_run, pretrained_both_ways, tmp_path):
+    root = copy_root(tiny_run, tmp_path / "nccl")
+    report = gpu_pretrain(root, 2, device="auto")
+    assert report["device"] == "cuda:0" and report["processes"] == 2
+    assert_losses_agree(pretrained_both_ways[1], root)
