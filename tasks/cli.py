@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -54,18 +54,25 @@ def run_stage(stage: str, params_file: str | Path = "params.yaml", root: str | P
     return figures
 
 
-def launch_distributed(stage: str, params_file: str, argv: list[str]) -> int | None:
-    """Re-run this command under torchrun when params ask for more than one process; None: run here."""
+def launch_distributed(stage: str, params_file: str, argv: list[str]) -> None:
+    """Become torchrun re-running this command line when params ask for more than one process.
+
+    The process turns into torchrun (exec, the same pid), so whoever started ``bertflow`` (dvc, the
+    flow, a shell) waits on torchrun itself, and a signal to it, even SIGKILL, reaches the ranks
+    (they end with their parent: ``distributed.follow_launcher``). Returns only when not launching.
+    """
     if stage not in DISTRIBUTED:
-        return None
+        return
     params = load_params(params_file)
     settings = params.distributed
     if not distributed.wants_launch(settings):
-        return None
+        return
     chosen = distributed.check_launch(settings, getattr(params, stage).device, f"{stage}.device")
     command = distributed.launch_command(settings, argv)
     logging.getLogger(__name__).info("%s (%s): %s", stage, chosen, " ".join(command))
-    return subprocess.run(command, env=distributed.launch_env(settings), check=False).returncode
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.execve(command[0], command, distributed.launch_env(settings))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sync-dvc":
             sync_dvc_yaml(Path(args.root) / "dvc.yaml", load_params(args.params))
             return 0
-        code = launch_distributed(args.command, args.params, argv)
-        if code is not None:
-            return code
+        launch_distributed(args.command, args.params, argv)
         run_stage(args.command, args.params, args.root)
     except (ParamsError, InputError) as exc:
         print(f"bertflow {args.command}: error: {exc}", file=sys.stderr)

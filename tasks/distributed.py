@@ -14,7 +14,9 @@ Reads the torchrun environment; writes nothing. Only rank 0 writes files (the st
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ from tasks.io import InputError
 
 LAUNCHED = "BERTFLOW_DISTRIBUTED"  # set by the launcher, so a rank never launches again
 BACKEND = "BERTFLOW_BACKEND"
+LAUNCHER = "BERTFLOW_LAUNCHER_PID"  # the bertflow command that became torchrun: the ranks' parent
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ def init_world(device_setting: str = "auto", what: str = "device") -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(device=device)
+    follow_launcher()
     if not dist.is_initialized():
         dist.init_process_group(backend(os.environ.get(BACKEND, "auto"), device))
     return World(size=dist.get_world_size(), rank=dist.get_rank(), device=device)
@@ -177,7 +182,21 @@ def check_launch(settings, device_setting: str, what: str) -> str:
 
 
 def launch_env(settings) -> dict:
-    return {**os.environ, LAUNCHED: "1", BACKEND: settings.backend}
+    return {**os.environ, LAUNCHED: "1", BACKEND: settings.backend, LAUNCHER: str(os.getpid())}
+
+
+def follow_launcher() -> None:
+    """End this rank when its torchrun ends, even by SIGKILL (which torchrun cannot pass on): Linux
+    sends the rank SIGTERM when its parent dies (PR_SET_PDEATHSIG). Only for ranks our launcher
+    started (a torchrun run by hand is the user's to manage), and only on Linux."""
+    launcher = os.environ.get(LAUNCHER)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    try:
+        os.kill(int(launcher), 0)
+    except ProcessLookupError:  # it died before the request above: nobody would send the signal
+        raise SystemExit(f"rank {os.environ.get('RANK')}: its torchrun (pid {launcher}) has ended") from None
 
 
 def is_main_process() -> bool:

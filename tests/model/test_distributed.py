@@ -161,6 +161,14 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_killed_two_process_run_resumes_to_the_same_weights(tiny_run, tmp_path):
     overrides = pretrain_overrides(max_steps=80, checkpoint_every_steps=5)
     whole = copy_root(tiny_run, tmp_path / "whole")
@@ -175,9 +183,14 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tiny_run, tmp_path
     deadline = time.time() + 300
     while not list(checkpoints.glob("step-*")) and launcher.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    for pid in [launcher.pid, *descendants(launcher.pid)]:  # torchrun and both ranks (their own sessions)
-        os.kill(pid, signal.SIGKILL)
+    ranks = descendants(launcher.pid)
+    assert len(ranks) >= 2, ranks  # the bertflow command became torchrun: its children are the ranks
+    os.kill(launcher.pid, signal.SIGKILL)  # torchrun cannot pass SIGKILL on; the ranks must end by themselves
     launcher.wait()
+    deadline = time.time() + 60
+    while any(alive(pid) for pid in ranks) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in ranks), "ranks outlived their killed launcher"
     assert not (broken / "artifacts" / "pretrained").exists(), "the run ended before it could be killed"
 
     run_cli(params, broken, "pretrain")  # the same command resumes, under DDP
