@@ -11,7 +11,7 @@ printed beside it.
 Reads: ``params.yaml``, ``data/pretrain``, ``artifacts/tokenizer``. Writes: a temp folder and
 ``benchmarks/results/distributed.{json,md}``.
 
-    python benchmarks/distributed.py [--processes 2] [--steps 40] [--rounds 2]
+    python benchmarks/distributed.py [--processes 2] [--steps 60] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import machine, machine_line, write_results  # noqa: E402
 from tasks.params import write_params_copy  # noqa: E402
 
-BIGGER_NODE = ("# one node, 8 processes: in params.yaml (GPU placement and nccl are not built yet)\n"
+BIGGER_NODE = ("# a node with 8 GPUs: in params.yaml (device auto: rank r on cuda:r, nccl between them)\n"
              "distributed: {nproc_per_node: 8}\n"
              "# then, as always:\n"
              "dvc repro pretrain   # or: bertflow pretrain, or the Prefect flow\n"
-             "# two such nodes: nnodes: 2, rdzv_endpoint: <head-host>:29400, and the same command on both")
+             "# two such nodes: nnodes: 2, rdzv_endpoint: <head-host>:29400, and the same command on both\n"
+             "# a 32-core CPU node instead: nproc_per_node: 4 with pretrain.device: cpu (8 threads each, gloo)")
 
 
 def scratch_params(folder: Path, processes: int, steps: int) -> Path:
@@ -76,8 +77,8 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if not (REPO / "data" / "pretrain" / "info.json").is_file():
         raise SystemExit("data/pretrain is missing: run `dvc repro pretrain_data` first")

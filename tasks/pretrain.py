@@ -226,12 +226,12 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
                 log.info("step %d loss %.4f (mlm %.4f, nsp %.4f) lr %.2e %.0f tokens/s", state.step, *losses, lr,
                          tokens / elapsed)
         if state.step % params.eval_every == 0:
-            last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, settings.bf16)
+            last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, settings)
         if world.main and store.due(state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes):
             store.save(state.step, checkpoint_state(model, optimizer, state))
     bar.close()
     if not last_eval or last_eval.get("step") != state.step:
-        last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, settings.bf16)
+        last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, settings)
     return last_eval
 
 
@@ -264,11 +264,12 @@ def accumulate(stepper, batches, params, state, order_cache, settings: StepSetti
     return (mlm + nsp, mlm, nsp), int(tokens)
 
 
-def _evaluate_and_log(model, eval_batches, params, state, eval_log, bf16) -> dict:
-    figures = evaluate_pretraining(model, eval_batches, params.eval_instances, params.batch_size, bf16)
+def _evaluate_and_log(model, eval_batches, params, state, eval_log, settings: StepSettings) -> dict:
+    figures = evaluate_pretraining(model, eval_batches, params.eval_instances, params.batch_size, settings.bf16)
     eval_log.write(step=state.step, seconds=round(state.seconds, 1),
                    **{k: figures[k] for k in ("mlm_loss", "mlm_accuracy", "nsp_accuracy")})
-    log.info("eval at step %d: %s", state.step, figures)
+    if settings.world.main:
+        log.info("eval at step %d: %s", state.step, figures)
     return {"step": state.step, **figures}
 
 
