@@ -34,8 +34,9 @@ LABELED_TSV = "sentence\tlabel\na fine film\t1\na dull film\t0\nwarm and funny\t
 TINY_TRAINING = {
     "lm_baselines": {"lstm": {"embedding_size": 16, "hidden_size": 16, "max_steps": 10, "log_every": 5}},
     "pretrain": {"model": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                           "intermediate_size": 64, "max_position_embeddings": 64}, "max_steps": 10, "batch_size": 8},
-    "finetune": {"max_seq_length": 32, "epochs": 1, "batch_size": 8},
+                           "intermediate_size": 64, "max_position_embeddings": 64}, "max_steps": 10, "batch_size": 8,
+                 "device": "cpu"},  # the tests' expectations hold on the CPU, also on a machine with GPUs
+    "finetune": {"max_seq_length": 32, "epochs": 1, "batch_size": 8, "device": "cpu"},
     "evaluate": {},
     "optimize": {"distill": {"student": {"num_hidden_layers": 1}, "epochs": 1}, "prune": {"recovery_steps": 5},
                  "latency_sentences": 10, "rounds": 1},
