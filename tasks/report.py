@@ -208,6 +208,15 @@ def tokenizer_section(reports: dict) -> str:
         ["split", "instances", "tokens", "IsNext share", "masked share", "[MASK] / random / kept", "padding"], rows)
 
 
+def where(figures: dict) -> str:
+    """Where a training stage ran (reports written before devices were recorded ran on the CPU)."""
+    processes, device, threads = figures.get("processes", 1), figures.get("device", "cpu"), figures.get("threads", "?")
+    if device != "cpu":
+        return esc(device) if processes == 1 else f"{processes} GPUs, one process each"
+    threads = f"{esc(threads)} thread{'' if threads == 1 else 's'}"
+    return f"the CPU, {threads}" if processes == 1 else f"{processes} CPU processes, {threads} each"
+
+
 def pretraining_section(reports: dict, params: Params, paths: Paths) -> str:
     pretrain = reports.get("pretrain")
     if not pretrain:
@@ -220,7 +229,7 @@ def pretraining_section(reports: dict, params: Params, paths: Paths) -> str:
                   ("held-out NSP accuracy", held.get("nsp_accuracy", "–"))])
     body += (f"<p>BERT L{model.num_hidden_layers}/H{model.hidden_size}/A{model.num_attention_heads}, "
              f"{number(pretrain.get('tokens', '–'))} tokens in {number(pretrain.get('seconds', '–'))} s on "
-             f"{esc(pretrain.get('threads', '?'))} threads (bf16 {esc(pretrain.get('bf16', '?'))}).</p>")
+             f"{where(pretrain)} (bf16 {esc(pretrain.get('bf16', '?'))}).</p>")
     body += chart_or_note(curve(paths.reports / "pretrain" / "train.csv", "step", ["loss", "mlm_loss", "nsp_loss"]),
                           "step", "loss", "pretraining loss", "reports/pretrain/train.csv")
     body += chart_or_note(curve(paths.reports / "pretrain" / "eval.csv", "step", ["mlm_accuracy", "nsp_accuracy"]),
