@@ -58,8 +58,7 @@ from tasks import tracking  # noqa: E402
 from tasks.paths import Paths  # noqa: E402
 from tasks.tracking import prefect_flow_run_id  # noqa: E402
 
-STAGES = ("ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate", "attention",
-          "optimize", "register", "report")
+STAGES = tracking.PIPELINE
 POOLED = ("pretrain", "finetune")  # the stages a training work pool takes, when params name one
 STAGE_FLOW = "bertflow-stage"
 # I/O-bound stages are retried (remote sources may hiccup), training never, and bad input never: it

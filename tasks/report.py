@@ -27,7 +27,7 @@ from tasks.paths import Paths
 
 log = logging.getLogger(__name__)
 WHOLE_PARAMS = True  # the page shows the model's shape and the registry settings
-REPORTED = (*tracking.STAGE_ORDER, "register")  # every stage before this one, in pipeline order
+REPORTED = tracking.PIPELINE[:tracking.PIPELINE.index("report")]  # every stage before this one, in order
 SECTIONS = {"summary": "At a glance", "data": "Data", "tokenizer": "Tokenizer and pretraining data",
             "pretraining": "Pretraining", "finetuning": "Fine-tuning", "evaluation": "Evaluation",
             "language-models": "Language models", "attention": "Attention", "variants": "Variants",

@@ -95,6 +95,12 @@ def pretrain_overrides(**changes) -> dict:
             "checkpoint_every_steps": 6, "model": {**model, **NO_DROPOUT}, **changes}
 
 
+def finetune_overrides(**changes) -> dict:
+    """One fp32 epoch without dropout, on the CPU unless ``changes`` say otherwise."""
+    return {"bf16": False, "epochs": 1, "classifier_dropout": 0.0, "encoder_dropout": 0.0,
+            "random_init_ablation": False, "batch_size": 32, "device": "cpu", **changes}
+
+
 @pytest.fixture(scope="module")
 def pretrained_both_ways(tiny_run, tmp_path_factory):
     overrides = pretrain_overrides()
@@ -130,8 +136,7 @@ def test_only_rank_zero_writes(pretrained_both_ways):
 
 
 def test_two_processes_finetune_like_one(pretrained_both_ways, tmp_path):
-    overrides = {"bf16": False, "epochs": 1, "classifier_dropout": 0.0, "encoder_dropout": 0.0,
-                 "random_init_ablation": False, "batch_size": 32, "device": "cpu"}
+    overrides = finetune_overrides()
     figures = []
     for processes in (1, 2):
         root = copy_root(pretrained_both_ways[1], tmp_path / str(processes), ("data", "artifacts"))
@@ -281,8 +286,7 @@ def test_one_gpu_pretrains_and_finetunes_like_the_cpu(tiny_run, pretrained_both_
     weights = load_file(root / "artifacts" / "pretrained" / "model.safetensors")  # saved from the CPU copy
     assert all(tensor.device.type == "cpu" for tensor in weights.values())
 
-    overrides = {"bf16": False, "epochs": 1, "classifier_dropout": 0.0, "encoder_dropout": 0.0,
-                 "random_init_ablation": False, "batch_size": 32, "class_weights": True}
+    overrides = finetune_overrides(class_weights=True)
     figures = {}
     for device in ("cpu", "cuda"):
         folder = copy_root(pretrained_both_ways[1], tmp_path / f"finetune-{device}", ("data", "artifacts"))
