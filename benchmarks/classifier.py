@@ -8,7 +8,7 @@ profile's architecture with random weights when there is none: throughput does n
 them), same SST-2 training phrases, the profile's batch size; the two sides alternate step by step.
 
 Inference: the classifier as the registry serves it, i.e. logged by the register stage's own code
-(``tasks.register.log_model``: the pyfunc of ``tasks/serving.py``) into a temporary MLflow store,
+(``tasks.register.log_model``: the pyfunc of ``bertflow/serving.py``) into a temporary MLflow store,
 registered, aliased ``champion`` and loaded back with ``mlflow.pyfunc.load_model("models:/…@champion")``,
 against the reference: transformers' ``text-classification`` pipeline on the same folder (fp32).
 Latency: p50/p99 of one-text calls over SST-2 dev sentences, the two alternating text by text;
@@ -37,14 +37,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine, machine_line, write_results  # noqa: E402
-from tasks import distributed as dd  # noqa: E402
-from tasks import training as tr  # noqa: E402
-from tasks.finetune import classification_step, encode, read_split  # noqa: E402
-from tasks.io import InputError, read_json  # noqa: E402
-from tasks.model import construct_config, load_classifier  # noqa: E402
-from tasks.params import FinetuneParams, load_params  # noqa: E402
-from tasks.paths import Paths  # noqa: E402
-from tasks.tokenizer import load_tokenizer  # noqa: E402
+from bertflow import distributed as dd  # noqa: E402
+from bertflow import training as tr  # noqa: E402
+from bertflow.classification import encode, read_split  # noqa: E402
+from bertflow.io import InputError, read_json  # noqa: E402
+from bertflow.model import construct_config, load_classifier  # noqa: E402
+from bertflow.params import FinetuneParams, load_params  # noqa: E402
+from bertflow.paths import Paths  # noqa: E402
+from bertflow.tokenization import load_tokenizer  # noqa: E402
+from tasks.finetune import classification_step  # noqa: E402
 
 MODEL_NAME = "benchmark-classifier"
 

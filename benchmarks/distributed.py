@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine, machine_line, write_results  # noqa: E402
-from tasks.params import write_params_copy  # noqa: E402
+from bertflow.params import write_params_copy  # noqa: E402
 
 BIGGER_NODE = ("# a node with 8 GPUs: in params.yaml (device auto: rank r on cuda:r, nccl between them)\n"
              "distributed: {nproc_per_node: 8}\n"

@@ -40,15 +40,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine, machine_line, write_results  # noqa: E402
-from tasks import training as tr  # noqa: E402
-from tasks.model import (  # noqa: E402
+from bertflow import training as tr  # noqa: E402
+from bertflow.model import (  # noqa: E402
     compiled_masked_lm_loss,
     construct_pretraining_model,
     masked_lm_loss,
     pretraining_loss,
 )
-from tasks.params import PretrainParams, load_params  # noqa: E402
-from tasks.paths import Paths  # noqa: E402
+from bertflow.params import PretrainParams, load_params  # noqa: E402
+from bertflow.paths import Paths  # noqa: E402
 
 CONFIGS = {"BERT-Tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
            "BERT-Mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)}
@@ -288,11 +288,11 @@ def main() -> None:
 
 def pretraining_examples(paths: Paths):
     """The default profile's training instances with its masking, and the project's vocabulary size."""
-    from tasks.io import InputError, read_json
-    from tasks.params import PretrainDataParams
-    from tasks.pretrain import PretrainBatches, read_shards
-    from tasks.pretrain_data import masking_spec
-    from tasks.tokenizer import load_tokenizer
+    from bertflow.io import InputError, read_json
+    from bertflow.masking import masking_spec
+    from bertflow.params import PretrainDataParams
+    from bertflow.pretraining import PretrainBatches, read_shards
+    from bertflow.tokenization import load_tokenizer
 
     if not (paths.pretrain_data / "info.json").is_file():
         raise InputError(f"{paths.pretrain_data}: no pretraining data; run `dvc repro pretrain_data` first")

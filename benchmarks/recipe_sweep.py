@@ -64,9 +64,9 @@ def link_inputs(root: Path, source: Path) -> None:
 
 
 def build_data(data_section: dict, root: Path, source: Path) -> None:
+    from bertflow.params import PretrainDataParams
+    from bertflow.paths import Paths
     from tasks import pretrain_data
-    from tasks.params import PretrainDataParams
-    from tasks.paths import Paths
 
     link_inputs(root, source)
     if not (root / "data/pretrain/info.json").is_file():
@@ -76,12 +76,12 @@ def build_data(data_section: dict, root: Path, source: Path) -> None:
 def pretrain_tokens(trial: dict, params: dict, root: Path, device, token_budget: int) -> tuple[Path, dict]:
     import torch
 
+    from bertflow import training as tr
+    from bertflow.model import construct_config, construct_pretraining_model, pretraining_loss
+    from bertflow.params import PretrainParams
+    from bertflow.paths import Paths
+    from bertflow.tokenization import load_tokenizer
     from tasks import pretrain as pt
-    from tasks import training as tr
-    from tasks.model import construct_config, construct_pretraining_model, pretraining_loss
-    from tasks.params import PretrainParams
-    from tasks.paths import Paths
-    from tasks.tokenizer import load_tokenizer
 
     p = PretrainParams(**section(params, trial, "pretrain"))
     paths = Paths(root)
@@ -118,7 +118,7 @@ def pretrain_tokens(trial: dict, params: dict, root: Path, device, token_budget:
 
 def heldout(model, batches) -> dict:
     """The stage's held-out MLM/NSP figures (on the model's device), on the first 2,000 instances."""
-    from tasks.pretrain import evaluate_pretraining
+    from bertflow.pretraining import evaluate_pretraining
 
     figures = evaluate_pretraining(model, batches, 2000, 128, bf16=False)
     return {key: round(figures[key], 4) for key in ("mlm_loss", "mlm_accuracy", "nsp_accuracy")}
@@ -129,14 +129,15 @@ def finetune(trial: dict, params: dict, root: Path, init: Path, device, random_i
     import torch
     import torch.nn.functional as F
 
-    from tasks import training as tr
-    from tasks.finetune import classification_metrics, encode, read_split
-    from tasks.io import read_json
-    from tasks.model import load_classifier
-    from tasks.params import FinetuneParams
-    from tasks.paths import Paths
-    from tasks.tokenizer import load_tokenizer
-    from tasks.training import epoch_order
+    from bertflow import training as tr
+    from bertflow.classification import encode, read_split
+    from bertflow.io import read_json
+    from bertflow.metrics import classification_metrics
+    from bertflow.model import load_classifier
+    from bertflow.params import FinetuneParams
+    from bertflow.paths import Paths
+    from bertflow.tokenization import load_tokenizer
+    from bertflow.training import epoch_order
 
     f = FinetuneParams(**section(params, trial, "finetune"))
     paths = Paths(root)
@@ -187,7 +188,7 @@ def finetune(trial: dict, params: dict, root: Path, init: Path, device, random_i
 
 def predict(model, data, pad_id, device):
     """Predicted label ids in row order (the stage's own ``predict_logits``, on the model's device)."""
-    from tasks.finetune import predict_logits
+    from bertflow.classification import predict_logits
 
     return predict_logits(model, data, pad_id, 256).argmax(-1)
 

@@ -2,7 +2,7 @@
 
 The reference is transformers' ``text-classification`` pipeline on ``artifacts/classifier`` (fp32,
 every class's probability). Beside it: the fp32 classifier and every variant under
-``artifacts/optimized/`` as the registry serves them (``tasks.serving.open_model``: tokenize, run,
+``artifacts/optimized/`` as the registry serves them (``bertflow.serving.open_model``: tokenize, run,
 softmax), timed by the optimize stage's own ``measure_speed``: batch-1 latency over SST-2 test
 sentences and texts/s in calls of 64, in rounds that take the sides in turn, each round starting
 one further along. Accuracy and macro-F1 are the optimize stage's figures (reports/optimize.json).
@@ -25,13 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine, machine_line, write_results  # noqa: E402
-from tasks import training as tr  # noqa: E402
-from tasks.finetune import read_split  # noqa: E402
-from tasks.io import InputError, read_json  # noqa: E402
+from bertflow import training as tr  # noqa: E402
+from bertflow.classification import read_split  # noqa: E402
+from bertflow.io import InputError, read_json  # noqa: E402
+from bertflow.params import OptimizeParams  # noqa: E402
+from bertflow.paths import Paths  # noqa: E402
+from bertflow.serving import open_model  # noqa: E402
 from tasks.optimize import measure_speed  # noqa: E402
-from tasks.params import OptimizeParams  # noqa: E402
-from tasks.paths import Paths  # noqa: E402
-from tasks.serving import open_model  # noqa: E402
 
 REFERENCE = "reference (transformers pipeline)"
 

@@ -54,9 +54,9 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from tasks import tracking  # noqa: E402
-from tasks.paths import Paths  # noqa: E402
-from tasks.tracking import prefect_flow_run_id  # noqa: E402
+from bertflow import tracking  # noqa: E402
+from bertflow.paths import Paths  # noqa: E402
+from bertflow.tracking import prefect_flow_run_id  # noqa: E402
 
 STAGES = tracking.PIPELINE
 POOLED = ("pretrain", "finetune")  # the stages a training work pool takes, when params name one
@@ -154,7 +154,7 @@ def prepare_params(root: Path, params_file: str | None, overrides: dict[str, Any
     """
     from ruamel.yaml import YAML
 
-    from tasks.params import load_params
+    from bertflow.params import load_params
 
     target = root / "params.yaml"
     source = Path(params_file) if params_file else target
@@ -281,7 +281,7 @@ def record_lock(root: str) -> None:
     """Log the run's dvc.lock to the MLflow run that registered the model (``dvc checkout`` brings it back)."""
     from mlflow import MlflowClient
 
-    from tasks.params import load_params
+    from bertflow.params import load_params
     registered = read_report(Path(root), "register")
     settings = load_params(Path(root) / "params.yaml").register
     uri = tracking.tracking_uri(settings.tracking_uri, Paths(Path(root)))
@@ -371,7 +371,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def training_placement(root: Path) -> tuple[str | None, str]:
     """(work pool, deployment) of the training stages from params.yaml; no pool: they run here."""
-    from tasks.params import load_params
+    from bertflow.params import load_params
 
     settings = load_params(root / "params.yaml").distributed
     return settings.work_pool, settings.deployment
@@ -392,7 +392,7 @@ def serve(root: Path) -> None:
     """Serve the flow as a deployment on the cron schedule in params.yaml's ``schedule`` section."""
     from prefect.schedules import Cron
 
-    from tasks.params import load_params
+    from bertflow.params import load_params
 
     schedule = load_params(root / "params.yaml").schedule
     pipeline.serve(name=schedule.deployment, schedule=Cron(schedule.cron, timezone=schedule.timezone),

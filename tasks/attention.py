@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks import training as tr
-from tasks.io import InputError, atomic_dirs, write_json
-from tasks.params import AttentionParams, AttentionSentence
-from tasks.paths import Paths
-from tasks.tokenizer import load_tokenizer
+from bertflow import training as tr
+from bertflow.io import InputError, atomic_dirs, write_json
+from bertflow.params import AttentionParams, AttentionSentence
+from bertflow.paths import Paths
+from bertflow.tokenization import load_tokenizer
 
 MODELS = {"pretrained": "pretrained (MLM + NSP)", "classifier": "fine-tuned classifier"}
 SPECIAL = ("[CLS]", "[SEP]")

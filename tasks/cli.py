@@ -15,11 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-from tasks import distributed
-from tasks.dvc_sync import check_dvc_deps, sync_dvc_yaml
-from tasks.io import InputError, write_json
-from tasks.params import ParamsError, load_params
-from tasks.paths import Paths
+from bertflow import distributed
+from bertflow.dvc_sync import check_dvc_deps, sync_dvc_yaml
+from bertflow.io import InputError, write_json
+from bertflow.params import ParamsError, load_params
+from bertflow.paths import Paths
 
 STAGES = {
     "ingest": "read sources and labeled data into data/corpus and data/labeled",

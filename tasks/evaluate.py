@@ -15,43 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn import metrics as skm
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from tasks import training as tr
-from tasks.finetune import encode, predict_logits, read_split
-from tasks.io import InputError, atomic_dirs, read_json, write_json
-from tasks.model import load_classifier
-from tasks.params import EvaluateParams
-from tasks.paths import Paths
-from tasks.tokenizer import load_tokenizer
+from bertflow import training as tr
+from bertflow.classification import encode, predict_logits, read_split
+from bertflow.io import InputError, atomic_dirs, read_json, write_json
+from bertflow.metrics import classification_report, headline, softmax
+from bertflow.model import load_classifier
+from bertflow.params import EvaluateParams
+from bertflow.paths import Paths
+from bertflow.tokenization import load_tokenizer
 
 # ---------------------------------------------------------------- figures (pure)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def classification_report(labels: np.ndarray, predicted: np.ndarray, scores: np.ndarray | None,
-                          names: list[str]) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix; ROC-AUC when binary."""
-    ids = list(range(len(names)))
-    precision, recall, f1, support = skm.precision_recall_fscore_support(labels, predicted, labels=ids,
-                                                                         zero_division=0)
-    report = {
-        "accuracy": round(float(skm.accuracy_score(labels, predicted)), 5),
-        "macro_f1": round(float(skm.f1_score(labels, predicted, labels=ids, average="macro", zero_division=0)), 5),
-        "per_class": {name: {"precision": round(float(p), 5), "recall": round(float(r), 5), "f1": round(float(f), 5),
-                             "support": int(s)} for name, p, r, f, s in zip(names, precision, recall, f1, support,
-                                                                             strict=True)},
-        "confusion_matrix": skm.confusion_matrix(labels, predicted, labels=ids).tolist(),
-    }
-    if scores is not None and len(names) == 2 and len(set(labels.tolist())) == 2:
-        report["roc_auc"] = round(float(skm.roc_auc_score(labels, scores[:, 1])), 5)
-    return report
 
 
 def majority_baseline(train_labels: list[int], test_labels: np.ndarray, names: list[str]) -> dict:
@@ -71,11 +47,6 @@ def tfidf_baseline(train: tuple[list[str], list[int]], test: tuple[list[str], np
     predicted = classifier.predict(test_features)
     scores = classifier.predict_proba(test_features)
     return headline(classification_report(test[1], predicted, scores, names))
-
-
-def headline(report: dict) -> dict:
-    """Accuracy, macro-F1 and (binary) ROC-AUC of a ``classification_report``."""
-    return {key: report[key] for key in ("accuracy", "macro_f1", "roc_auc") if key in report}
 
 
 # ---------------------------------------------------------------- outputs
@@ -132,7 +103,7 @@ def evaluate_pretrained(paths: Paths, params: EvaluateParams) -> dict:
     """Held-out MLM accuracy and perplexity, NSP accuracy, of the pretrained model (fp32)."""
     from transformers import BertForPreTraining
 
-    from tasks.pretrain import PretrainBatches, evaluate_pretraining, read_shards
+    from bertflow.pretraining import PretrainBatches, evaluate_pretraining, read_shards
 
     if not (paths.pretrained / "config.json").is_file():
         raise InputError(f"{paths.pretrained}: no pretrained model; run `bertflow pretrain` first")

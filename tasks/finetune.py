@@ -20,79 +20,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks import distributed as dd
-from tasks import training as tr
-from tasks.io import atomic_dirs, read_column, read_json, write_json
-from tasks.model import check_positions, check_vocab, load_classifier
-from tasks.params import FinetuneParams
-from tasks.paths import Paths
-from tasks.tokenizer import load_tokenizer
+from bertflow import distributed as dd
+from bertflow import training as tr
+from bertflow.classification import Encoded, class_weights, encode, predict_logits, read_split
+from bertflow.io import atomic_dirs, read_json, write_json
+from bertflow.metrics import classification_metrics
+from bertflow.model import check_positions, check_vocab, load_classifier
+from bertflow.params import FinetuneParams
+from bertflow.paths import Paths
+from bertflow.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 EPOCH_FIELDS = ["step", "epoch", "train_loss", "dev_accuracy", "dev_macro_f1", "lr", "seconds"]
 
 
 # ---------------------------------------------------------------- data and metrics (pure)
-
-
-@dataclass
-class Encoded:
-    """Token ids of one labeled split (with [CLS]/[SEP], truncated) and label ids."""
-
-    input_ids: list[list[int]]
-    labels: list[int]
-
-    def batch(self, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-        width = max(len(self.input_ids[i]) for i in indices)
-        input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, i in enumerate(indices):
-            ids = self.input_ids[i]
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "token_type_ids": torch.zeros_like(input_ids),
-                "labels": torch.tensor([self.labels[i] for i in indices])}
-
-
-def encode(tokenizer, texts: list[str], labels: list[int], max_seq_length: int) -> Encoded:
-    ids = tokenizer(texts, truncation=True, max_length=max_seq_length)["input_ids"]
-    return Encoded(ids, labels)
-
-
-def classification_metrics(labels: np.ndarray, predicted: np.ndarray, num_labels: int) -> dict:
-    """Accuracy and macro-F1 (plain numpy, so evaluate can check them against scikit-learn)."""
-    f1s = []
-    for c in range(num_labels):
-        tp = np.sum((predicted == c) & (labels == c))
-        precision = tp / max(np.sum(predicted == c), 1)
-        recall = tp / max(np.sum(labels == c), 1)
-        f1s.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
-    return {"accuracy": float(np.mean(predicted == labels)), "macro_f1": float(np.mean(f1s))}
-
-
-def class_weights(labels: list[int], num_labels: int) -> torch.Tensor:
-    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
-    return torch.tensor(len(labels) / (num_labels * np.maximum(counts, 1)), dtype=torch.float32)
-
-
-@torch.no_grad()
-def predict_logits(model, data: Encoded, pad_id: int, batch_size: int, bf16: bool = False) -> np.ndarray:
-    """Logits for every row, computed in length-sorted batches (little padding) on the model's device,
-    returned in row order."""
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(data.input_ids)), key=lambda i: len(data.input_ids[i]))
-    out = np.zeros((len(order), model.config.num_labels), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        indices = order[start:start + batch_size]
-        batch = tr.to_device(data.batch(indices, pad_id), model.device)
-        with tr.autocast(bf16, model.device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           token_type_ids=batch["token_type_ids"]).logits
-        out[indices] = logits.float().cpu().numpy()
-    model.train(was_training)
-    return out
 
 
 # ---------------------------------------------------------------- the loop
@@ -206,11 +148,6 @@ def _checkpoint(model, optimizer, state: FinetuneState, best) -> dict:
 
 def init_folder(params: FinetuneParams, paths: Paths) -> Path:
     return paths.pretrained if params.init == "pretrained" else Path(params.init)
-
-
-def read_split(paths: Paths, split: str) -> tuple[list[str], list[int]]:
-    path = paths.labeled / f"{split}.parquet"
-    return read_column(path, "text"), read_column(path, "label_id")
 
 
 def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], params: FinetuneParams,

@@ -19,12 +19,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks import labeled as lab
-from tasks.io import InputError, atomic_dirs, write_json
-from tasks.params import CorpusParams, IngestParams, LabeledParams
-from tasks.paths import Paths
-from tasks.sources import SourceReport, read_source, source_name
-from tasks.text import clean_text, document_sentences
+from bertflow import labeled as lab
+from bertflow.io import InputError, atomic_dirs, write_json
+from bertflow.params import CorpusParams, IngestParams, LabeledParams
+from bertflow.paths import Paths
+from bertflow.sources import SourceReport, read_source, source_name
+from bertflow.text import clean_text, document_sentences
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")

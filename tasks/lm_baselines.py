@@ -16,13 +16,12 @@ import time
 
 import torch
 
-from tasks import language_models as lm
-from tasks import training as tr
-from tasks.io import InputError, atomic_dirs
-from tasks.params import LmBaselinesParams
-from tasks.paths import Paths
-from tasks.pretrain_data import tokenize_documents
-from tasks.tokenizer import load_tokenizer, read_sentences
+from bertflow import language_models as lm
+from bertflow import training as tr
+from bertflow.io import InputError, atomic_dirs
+from bertflow.params import LmBaselinesParams
+from bertflow.paths import Paths
+from bertflow.tokenization import load_tokenizer, read_sentences, tokenize_documents
 
 
 def piece_ids(tokenizer, sentences: list[str]) -> list[list[int]]:

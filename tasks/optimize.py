@@ -4,12 +4,12 @@ Reads: ``artifacts/classifier`` (the teacher / reference), ``artifacts/pretraine
 starting weights), ``data/labeled/{train,test}.parquet`` + ``labels.json``, and
 ``data/corpus/train.parquet`` when the student also learns from unlabeled corpus sentences.
 Writes: ``artifacts/optimized/<variant>/`` for each of ``optimize.variants`` (int8, onnx,
-onnx_int8, student, pruned; see tasks/compress.py), the training curves
+onnx_int8, student, pruned; see bertflow/compress.py), the training curves
 ``reports/optimize/{distill,prune}.csv`` and ``reports/optimize.json``: per variant accuracy,
 macro-F1, p50/p99 latency at batch 1, throughput at batch 1 and 64, weights on disk, and ratios
 to the fp32 classifier. Run: ``bertflow optimize``.
 
-Every variant, the fp32 reference included, is opened with ``tasks.serving.open_model`` (the code
+Every variant, the fp32 reference included, is opened with ``bertflow.serving.open_model`` (the code
 the registered pyfunc runs), scored on the test split with evaluate's ``classification_report``,
 and timed in interleaved rounds (each round times every variant in turn, so a noisy moment
 hits them all), with every runtime on ``optimize.num_threads`` threads.
@@ -27,16 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks import compress
-from tasks import training as tr
-from tasks.evaluate import classification_report, headline
-from tasks.finetune import Encoded, encode, predict_logits, read_split
-from tasks.io import InputError, atomic_dirs, read_column, read_json
-from tasks.model import check_positions, load_classifier
-from tasks.params import OptimizeParams
-from tasks.paths import Paths
-from tasks.serving import LoadedModel, open_model
-from tasks.tokenizer import load_tokenizer
+from bertflow import compress
+from bertflow import training as tr
+from bertflow.classification import Encoded, encode, predict_logits, read_split
+from bertflow.io import InputError, atomic_dirs, read_column, read_json
+from bertflow.metrics import classification_report, headline
+from bertflow.model import check_positions, load_classifier
+from bertflow.params import OptimizeParams
+from bertflow.paths import Paths
+from bertflow.serving import LoadedModel, open_model
+from bertflow.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 REFERENCE = "fp32"

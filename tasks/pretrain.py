@@ -10,23 +10,20 @@ Run: ``bertflow pretrain``; after a crash the same command resumes from the last
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
-from tasks import distributed as dd
-from tasks import training as tr
-from tasks.io import InputError, atomic_dirs, read_json
-from tasks.model import (
+from bertflow import distributed as dd
+from bertflow import training as tr
+from bertflow.io import InputError, atomic_dirs, read_json
+from bertflow.masking import masking_spec
+from bertflow.model import (
     PretrainingOutput,
     check_positions,
     compiled_masked_lm_loss,
@@ -35,10 +32,10 @@ from tasks.model import (
     masked_lm_loss,
     pretraining_loss,
 )
-from tasks.params import PretrainDataParams, PretrainParams
-from tasks.paths import Paths
-from tasks.pretrain_data import MaskingSpec, mask_tokens, masking_spec
-from tasks.tokenizer import load_tokenizer
+from bertflow.params import PretrainDataParams, PretrainParams
+from bertflow.paths import Paths
+from bertflow.pretraining import PretrainBatches, evaluate_pretraining, read_shards
+from bertflow.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 TRAIN_FIELDS = ["step", "loss", "mlm_loss", "nsp_loss", "lr", "tokens_per_second", "seconds"]
@@ -48,91 +45,7 @@ EVAL_FIELDS = ["step", "mlm_loss", "mlm_accuracy", "nsp_accuracy", "seconds"]
 # ---------------------------------------------------------------- data
 
 
-def read_shards(folder: Path) -> pa.Table:
-    files = sorted(folder.glob("*.arrow"))
-    if not files:
-        raise InputError(f"{folder}: no shards; run `bertflow pretrain_data` first")
-    tables = [pa.ipc.open_stream(pa.OSFile(str(f))).read_all() for f in files]
-    return pa.concat_tables(tables).combine_chunks()
-
-
-@dataclass
-class PretrainBatches:
-    """Padded batches from the stored instances; masks applied here when the data is unmasked."""
-
-    table: pa.Table
-    pad_id: int
-    masking: MaskingSpec | None  # None: the shards carry static masks
-    seed: int
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def order(self, epoch: int, batch_size: int) -> list[int]:
-        """This epoch's order: shuffled, consecutive ``batch_size`` groups of similar length (little padding)."""
-        return tr.epoch_order(self.lengths, batch_size, self.seed, epoch)
-
-    @cached_property
-    def lengths(self) -> list[int]:
-        return pc.list_value_length(self.table.column("input_ids")).to_pylist()
-
-    def batch(self, indices: list[int], mask_seed: str) -> dict[str, torch.Tensor]:
-        """Rows ``indices``; dynamic masks drawn per row from (``mask_seed``, row), so a row gets the same
-        mask whichever process, batch slice or position it lands in."""
-        rows = self.table.take(indices).to_pylist()
-        examples = [self._masked(row, random.Random(f"{mask_seed}/{i}")) for i, row in zip(indices, rows, strict=True)]
-        return collate(examples, self.pad_id)
-
-    def _masked(self, row: dict, rng: random.Random) -> tuple[list[int], list[int], list[int], list[int], int]:
-        if self.masking is not None:
-            ids, positions, originals = mask_tokens(row["input_ids"], self.masking, rng)
-        else:
-            ids, positions, originals = row["input_ids"], row["masked_lm_positions"], row["masked_lm_ids"]
-        return ids, row["token_type_ids"], positions, originals, row["next_sentence_label"]
-
-
-def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest example (dynamic padding); labels are -100 except at masked positions."""
-    width = max(len(ids) for ids, *_ in examples)
-    n = len(examples)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    token_type_ids = torch.zeros((n, width), dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), -100, dtype=torch.long)
-    for i, (ids, segments, positions, originals, _) in enumerate(examples):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        token_type_ids[i, : len(ids)] = torch.tensor(segments)
-        attention_mask[i, : len(ids)] = 1
-        labels[i, positions] = torch.tensor(originals, dtype=torch.long)
-    nsp = torch.tensor([example[4] for example in examples], dtype=torch.long)
-    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
-            "labels": labels, "next_sentence_label": nsp}
-
-
 # ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate_pretraining(model, batches: PretrainBatches, limit: int | None, batch_size: int, bf16: bool) -> dict:
-    """Held-out MLM loss/accuracy (token-weighted) and NSP accuracy, on the first ``limit`` instances
-    (computed on the model's device)."""
-    was_training = model.training
-    model.eval()
-    count = min(limit or len(batches), len(batches))
-    mlm_loss = mlm_correct = mlm_count = nsp_correct = 0.0
-    for start in range(0, count, batch_size):
-        batch = tr.to_device(batches.batch(list(range(start, min(start + batch_size, count))), mask_seed="eval"),
-                             model.device)
-        with tr.autocast(bf16, model.device):
-            out = pretraining_loss(model, batch)
-        mlm_loss += float(out.mlm_loss) * out.mlm_count
-        mlm_correct += out.mlm_correct
-        mlm_count += out.mlm_count
-        nsp_correct += out.nsp_correct
-    model.train(was_training)
-    return {"mlm_loss": round(mlm_loss / max(mlm_count, 1), 5),
-            "mlm_accuracy": round(mlm_correct / max(mlm_count, 1), 5),
-            "nsp_accuracy": round(nsp_correct / max(count, 1), 5), "instances": count}
 
 
 # ---------------------------------------------------------------- the loop

@@ -25,10 +25,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tasks.io import InputError, atomic_dirs, read_column, write_json
-from tasks.params import PretrainDataParams
-from tasks.paths import Paths
-from tasks.tokenizer import load_tokenizer
+from bertflow.io import InputError, atomic_dirs, read_column, write_json
+from bertflow.masking import MaskingSpec, mask_tokens, masking_spec
+from bertflow.pairs import Instance, PairSpec, create_instances_from_document
+from bertflow.params import PretrainDataParams
+from bertflow.paths import Paths
+from bertflow.tokenization import Document, load_tokenizer, tokenize_documents
 
 SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())),
@@ -37,171 +39,10 @@ SCHEMA = pa.schema([
     ("masked_lm_positions", pa.list_(pa.int16())),
     ("masked_lm_ids", pa.list_(pa.int32())),
 ])
-ENCODE_BATCH = 10_000
-Document = list[list[int]]  # sentences of token ids
-
-
 # ---------------------------------------------------------------- masking (shared with training)
 
 
-@dataclass(frozen=True)
-class MaskingSpec:
-    mask_token_id: int
-    special_ids: frozenset[int]
-    random_ids: tuple[int, ...]  # replacement candidates for the 10 % "random token" case
-    masked_lm_prob: float
-    max_predictions_per_seq: int
-    is_continuation: tuple[bool, ...] | None = None  # per vocabulary id; set for whole-word masking
-
-
-def masking_spec(tokenizer, params: PretrainDataParams) -> MaskingSpec:
-    special = frozenset(tokenizer.all_special_ids)
-    vocab = tokenizer.get_vocab()
-    continuation = None
-    if params.do_whole_word_mask:
-        by_id = sorted(vocab.items(), key=lambda item: item[1])
-        continuation = tuple(token.startswith("##") for token, _ in by_id)
-    return MaskingSpec(
-        mask_token_id=tokenizer.mask_token_id, special_ids=special,
-        random_ids=tuple(i for i in sorted(vocab.values()) if i not in special),
-        masked_lm_prob=params.masked_lm_prob, max_predictions_per_seq=params.max_predictions_per_seq,
-        is_continuation=continuation)
-
-
-def candidate_groups(input_ids: Sequence[int], spec: MaskingSpec) -> list[list[int]]:
-    """Positions that may be masked, grouped by word when whole-word masking is on."""
-    groups: list[list[int]] = []
-    for i, token in enumerate(input_ids):
-        if token in spec.special_ids:
-            continue
-        joins_word = (spec.is_continuation is not None and groups and groups[-1][-1] == i - 1
-                      and spec.is_continuation[token])
-        if joins_word:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
-def mask_tokens(input_ids: Sequence[int], spec: MaskingSpec,
-                rng: random.Random) -> tuple[list[int], list[int], list[int]]:
-    """BERT masking: returns (masked input ids, masked positions, original ids at those positions).
-
-    ``masked_lm_prob`` of the non-special tokens (at least one, at most ``max_predictions_per_seq``)
-    are chosen; of those 80 % become [MASK], 10 % a random non-special token, 10 % stay unchanged.
-    """
-    groups = candidate_groups(input_ids, spec)
-    num_candidates = sum(len(group) for group in groups)
-    num_to_predict = min(spec.max_predictions_per_seq, max(1, round(num_candidates * spec.masked_lm_prob)))
-    rng.shuffle(groups)
-    covered: list[int] = []
-    for group in groups:
-        if len(covered) >= num_to_predict:
-            break
-        if len(covered) + len(group) <= num_to_predict:
-            covered.extend(group)
-    output = list(input_ids)
-    for index in covered:
-        draw = rng.random()
-        if draw < 0.8:
-            output[index] = spec.mask_token_id
-        elif draw >= 0.9:
-            output[index] = rng.choice(spec.random_ids)
-    positions = sorted(covered)
-    return output, positions, [input_ids[p] for p in positions]
-
-
 # ---------------------------------------------------------------- NSP pairs
-
-
-@dataclass(frozen=True)
-class PairSpec:
-    cls_id: int
-    sep_id: int
-    max_seq_length: int
-    short_seq_prob: float
-
-
-@dataclass
-class Instance:
-    input_ids: list[int]
-    token_type_ids: list[int]
-    is_random_next: bool
-
-
-def truncate_pair(tokens_a: list[int], tokens_b: list[int], max_tokens: int, rng: random.Random) -> None:
-    """Trim the longer side, at random from the front or the back, until the pair fits."""
-    while len(tokens_a) + len(tokens_b) > max_tokens:
-        longer = tokens_a if len(tokens_a) > len(tokens_b) else tokens_b
-        if rng.random() < 0.5:
-            del longer[0]
-        else:
-            longer.pop()
-
-
-def random_other_document(documents: Sequence[Document], index: int, rng: random.Random) -> Document:
-    """A document other than ``index`` (never the same one, unlike the reference's 10 tries)."""
-    other = rng.randrange(len(documents) - 1)
-    return documents[other + 1 if other >= index else other]
-
-
-def create_instances_from_document(documents: Sequence[Document], index: int, spec: PairSpec,
-                                   rng: random.Random) -> list[Instance]:
-    """Pairs from one document, as create_pretraining_data.py builds them.
-
-    One deviation: a chunk of a single segment is split inside that segment when B should be the
-    true continuation; the reference always makes such chunks random-next, which pulls the NSP
-    positive rate below 50 %.
-    """
-    document = documents[index]
-    max_tokens = spec.max_seq_length - 3
-    target = rng.randint(2, max_tokens) if rng.random() < spec.short_seq_prob else max_tokens
-    instances: list[Instance] = []
-    chunk: list[list[int]] = []
-    length = 0
-    i = 0
-    while i < len(document):
-        chunk.append(document[i])
-        length += len(document[i])
-        if i == len(document) - 1 or length >= target:
-            tokens_a, tokens_b, is_random, unused = _split_chunk(documents, index, chunk, target, rng)
-            i -= unused
-            truncate_pair(tokens_a, tokens_b, max_tokens, rng)
-            if tokens_a and tokens_b:
-                instances.append(_assemble(tokens_a, tokens_b, is_random, spec))
-            chunk, length = [], 0
-        i += 1
-    return instances
-
-
-def _split_chunk(documents, index, chunk, target, rng) -> tuple[list[int], list[int], bool, int]:
-    """(A, B, is_random_next, segments to put back) for one chunk."""
-    flat_single = len(chunk) == 1
-    a_end = 1 if flat_single else rng.randint(1, len(chunk) - 1)
-    if rng.random() < 0.5:
-        tokens_a = [t for segment in chunk[:a_end] for t in segment]
-        tokens_b: list[int] = []
-        other = random_other_document(documents, index, rng)
-        for segment in other[rng.randrange(len(other)):]:
-            tokens_b.extend(segment)
-            if len(tokens_b) >= target - len(tokens_a):
-                break
-        return tokens_a, tokens_b, True, len(chunk) - a_end
-    if flat_single:  # true continuation inside the one segment
-        segment = chunk[0]
-        if len(segment) < 2:
-            return list(segment), [], False, 0
-        cut = rng.randint(1, len(segment) - 1)
-        return segment[:cut], segment[cut:], False, 0
-    tokens_a = [t for segment in chunk[:a_end] for t in segment]
-    tokens_b = [t for segment in chunk[a_end:] for t in segment]
-    return tokens_a, tokens_b, False, 0
-
-
-def _assemble(tokens_a: list[int], tokens_b: list[int], is_random: bool, spec: PairSpec) -> Instance:
-    ids = [spec.cls_id, *tokens_a, spec.sep_id, *tokens_b, spec.sep_id]
-    segments = [0] * (len(tokens_a) + 2) + [1] * (len(tokens_b) + 1)
-    return Instance(ids, segments, is_random)
 
 
 # ---------------------------------------------------------------- work units
@@ -295,22 +136,6 @@ def run_units(units: list[Unit], num_proc: int) -> list[tuple[str, Counter]]:
 
 
 # ---------------------------------------------------------------- tokenizing and figures
-
-
-def tokenize_documents(tokenizer, documents: list[list[str]]) -> list[Document]:
-    """Token ids of every sentence (no special tokens); empty sentences and documents dropped."""
-    flat = [s for doc in documents for s in doc]
-    ids: list[list[int]] = []
-    for start in range(0, len(flat), ENCODE_BATCH):
-        batch = tokenizer.backend_tokenizer.encode_batch(flat[start:start + ENCODE_BATCH], add_special_tokens=False)
-        ids.extend(encoding.ids for encoding in batch)
-    out, cursor = [], 0
-    for doc in documents:
-        sentences = [s for s in ids[cursor:cursor + len(doc)] if s]
-        cursor += len(doc)
-        if sentences:
-            out.append(sentences)
-    return out
 
 
 def merge_counts(parts: list[Counter]) -> Counter:

@@ -1,9 +1,9 @@
 """Stage register: track the pipeline run in MLflow and register the classifier behind a promotion gate.
 
 Reads: ``artifacts/classifier`` (logged once, as the model), ``data/labeled/test.parquet`` (its
-fingerprint), ``reports/*.json`` and curves (through tasks/tracking.py), ``dvc.lock`` and git.
+fingerprint), ``reports/*.json`` and curves (through bertflow/tracking.py), ``dvc.lock`` and git.
 Writes: to MLflow, a pipeline run with nested stage runs and one new version of the registered
-model (a pyfunc from tasks/serving.py) with alias ``challenger``, and ``champion`` when it wins the
+model (a pyfunc from bertflow/serving.py) with alias ``challenger``, and ``champion`` when it wins the
 gate; the model card is the version's description. Locally, ``reports/register.json``.
 Run: ``bertflow register``. When the registry does not answer it retries with back-off, then fails
 naming the registry; everything trained stays on disk and re-running ``register`` alone registers it.
@@ -14,73 +14,37 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import tracking
-from tasks.io import InputError, read_column, read_json
-from tasks.params import Params, RegisterParams
-from tasks.paths import Paths
+from bertflow import serving, tracking
+from bertflow.cards import model_card
+from bertflow.io import InputError, read_column, read_json
+from bertflow.params import Params, RegisterParams
+from bertflow.paths import Paths
+from bertflow.registry import (
+    CHALLENGER,
+    CHAMPION,
+    FAST,
+    RegistryError,
+    Standing,
+    Variant,
+    champion_standing,
+    configure_client,
+    experiment_id,
+    fast_choice,
+    promotion,
+    redact,
+    retrying,
+    version_by_alias,
+)
 
 log = logging.getLogger(__name__)
 WHOLE_PARAMS = True  # run() takes every section: the pipeline run logs all of them
-SERVING_CODE = Path(__file__).with_name("serving.py")
-CHAMPION, CHALLENGER, FAST = "champion", "challenger", "fast"
-
-
-class RegistryError(InputError):
-    """The tracking server / model registry did not answer, or refused what was sent."""
+SERVING_CODE = Path(serving.__file__)  # the pyfunc logged with each version: it needs no bertflow
 
 
 # ---------------------------------------------------------------- the gate (pure)
-
-
-@dataclass(frozen=True)
-class Standing:
-    """A version's figure on the configured metric and the test data it was measured on."""
-
-    version: str
-    value: float
-    fingerprint: str
-
-
-def promotion(new: Standing, champion: Standing | None, metric: str, min_delta: float) -> tuple[str, str]:
-    """(decision, reason): champion when there is none or the new version beats it by ≥ min_delta."""
-    if champion is None:
-        return CHAMPION, "no champion yet"
-    if champion.fingerprint != new.fingerprint:
-        return CHALLENGER, (f"not compared: champion v{champion.version} was measured on other test data "
-                            f"(fingerprint {champion.fingerprint[:12]} ≠ {new.fingerprint[:12]})")
-    gain = round(new.value - champion.value, 9)
-    if gain > 0 and gain >= min_delta:
-        return CHAMPION, (f"{metric} {new.value:.5f} beats champion v{champion.version} ({champion.value:.5f}) "
-                          f"by {gain:.5f} ≥ min_delta {min_delta}")
-    return CHALLENGER, (f"{metric} {new.value:.5f} does not beat champion v{champion.version} "
-                        f"({champion.value:.5f}) by more than 0 and at least min_delta {min_delta}")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A registered form of the classifier (``fp32`` is the classifier itself) and its measured figures."""
-
-    name: str
-    version: str
-    accuracy: float
-    throughput_b1: float
-
-
-def fast_choice(variants: list[Variant], champion_accuracy: float, max_drop: float) -> tuple[Variant | None, str]:
-    """The quickest variant (batch-1 throughput) whose accuracy is at most ``max_drop`` below the champion's."""
-    eligible = [v for v in variants if round(champion_accuracy - v.accuracy, 9) <= max_drop]
-    if not eligible:
-        return None, f"no variant within max_accuracy_drop {max_drop} of the champion's accuracy {champion_accuracy}"
-    best = max(eligible, key=lambda v: v.throughput_b1)
-    left_out = sorted(v.name for v in variants if v not in eligible)
-    return best, (f"{best.name} v{best.version}: {best.throughput_b1:g} texts/s at batch 1, accuracy "
-                  f"{best.accuracy:.5f} (champion {champion_accuracy:.5f}, max_accuracy_drop {max_drop})"
-                  + (f"; over the budget: {', '.join(left_out)}" if left_out else ""))
 
 
 def data_fingerprint(texts: list[str], labels: list[str]) -> str:
@@ -94,147 +58,12 @@ def data_fingerprint(texts: list[str], labels: list[str]) -> str:
 # ---------------------------------------------------------------- the model card (pure)
 
 
-def model_card(name: str, version: str | None, params: dict, reports: dict, lineage: dict, decision: str,
-               reason: str) -> str:
-    ingest, evaluation = reports.get("ingest", {}), reports.get("evaluate", {})
-    pretrain, finetune = reports.get("pretrain", {}), reports.get("finetune", {})
-    test, baselines = evaluation.get("test", {}), evaluation.get("baselines", {})
-    model = params["pretrain"]["model"]
-    rows = ingest.get("labeled", {}).get("rows", {})
-    corpus = ingest.get("corpus", {})
-    lines = [
-        f"# {name}" + (f" v{version}" if version else ""), "",
-        "BERT sequence classifier built by bertflow: corpus → WordPiece tokenizer → MLM+NSP pretraining → "
-        "fine-tuning → evaluation → registration.", "",
-        f"**Gate:** {decision} ({reason}).", "",
-        "## Use", "",
-        "```python", "import mlflow",
-        f'model = mlflow.pyfunc.load_model("models:/{name}@champion")',
-        'model.predict(["a charming and often affecting journey"])  # label + score_<label> per class',
-        f'fast = mlflow.pyfunc.load_model("models:/{name}@fast")  # quickest variant within the accuracy budget',
-        "```", "Needs mlflow and tokenizers, plus torch and transformers (PyTorch variants) or onnxruntime (ONNX).", "",
-        "## Data", "",
-        f"- Pretraining corpus: {_get(corpus, 'train', 'documents')} documents, {_get(corpus, 'train', 'sentences')} "
-        f"sentences (train); {_get(corpus, 'heldout', 'documents')} documents held out.",
-        f"- Labeled rows: train {rows.get('train', '?')}, dev {rows.get('dev', '?')}, test {rows.get('test', '?')}; "
-        f"labels {evaluation and list(test.get('per_class', {}))}.",
-        f"- Sources: {', '.join(s['path'] for s in params['ingest']['corpus']['sources'])}; labeled "
-        f"{params['ingest']['labeled']['train']}.", "",
-        "## Model and training", "",
-        f"- BERT L{model['num_hidden_layers']}/H{model['hidden_size']}/A{model['num_attention_heads']}, "
-        f"{pretrain.get('parameters', '?')} parameters, vocabulary {reports.get('tokenizer', {}).get('vocab_size')}.",
-        f"- Pretraining: {pretrain.get('steps', '?')} steps, {pretrain.get('tokens', '?')} tokens in "
-        f"{pretrain.get('seconds', '?')} s; held-out MLM accuracy "
-        f"{evaluation.get('pretrained_heldout', {}).get('mlm_accuracy', '?')}, NSP accuracy "
-        f"{evaluation.get('pretrained_heldout', {}).get('nsp_accuracy', '?')}.",
-        f"- Fine-tuning: best epoch {finetune.get('pretrained', {}).get('best_epoch', '?')} of "
-        f"{params['finetune']['epochs']}, learning rate {params['finetune']['learning_rate']}.", "",
-        "## Evaluation (test split)", "",
-        "| model | accuracy | macro-F1 |", "|---|---|---|",
-        f"| this model | {test.get('accuracy', '?')} | {test.get('macro_f1', '?')} |",
-        *[f"| baseline: {key} | {value.get('accuracy')} | {value.get('macro_f1')} |"
-          for key, value in baselines.items()], "",
-        *variant_table(reports.get("optimize", {})),
-        "## Lineage", "",
-        *[f"- {key}: `{value}`" for key, value in sorted(lineage.items())], "",
-    ]
-    return "\n".join(lines)
-
-
-def variant_table(optimize: dict) -> list[str]:
-    """The trade-off table of reports/optimize.json (empty when the stage did not run)."""
-    variants = optimize.get("variants", {})
-    if not variants:
-        return []
-    lines = ["## Variants (test split, batch-1 latency and throughput on "
-             f"{optimize.get('threads', '?')} threads)", "",
-             "| variant | runtime | accuracy | macro-F1 | p50 ms b1 | p99 ms b1 | texts/s b1 | texts/s b64 | "
-             "MB | speed-up b1 |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, f in variants.items():
-        lines.append(f"| {name} | {f['runtime']} | {f['accuracy']} | {f['macro_f1']} | {f['latency_p50_ms_b1']} | "
-                     f"{f['latency_p99_ms_b1']} | {f['throughput_b1']} | {f['throughput_b64']} | {f['size_mb']} | "
-                     f"{f['speedup_b1']}× |")
-    return [*lines, ""]
-
-
-def _get(mapping: dict, *keys: str):
-    for key in keys:
-        mapping = mapping.get(key, {}) if isinstance(mapping, dict) else {}
-    return mapping if mapping != {} else "?"
-
-
 # ---------------------------------------------------------------- talking to the registry (edge)
-
-
-def retrying(settings: RegisterParams, what: str, uri: str, call):
-    """Run ``call``; on failure wait backoff, 2·backoff, … for ``retries`` more tries, then fail clearly."""
-    delay = settings.backoff_seconds
-    for attempt in range(settings.retries + 1):
-        try:
-            return call()
-        except Exception as exc:  # noqa: BLE001 - any client error counts as "did not answer"
-            if attempt == settings.retries:
-                raise RegistryError(
-                    f"MLflow registry at {redact(uri)} did not answer ({what}, {attempt + 1} attempts): "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}. "
-                    "The trained model is kept in artifacts/classifier; run `bertflow register` again "
-                    "once the registry is back.") from exc
-            log.warning("registry %s: %s failed (%s); retrying in %.1f s", redact(uri), what, exc, delay)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
-
-
-def redact(uri: str) -> str:
-    """A URI without credentials, for messages and reports."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri
-
-
-def configure_client(settings: RegisterParams, uri: str):
-    """Our own retry loop replaces MLflow's long built-in HTTP retries; the URI is set explicitly."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.timeout_seconds)))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def experiment_id(client, name: str, artifact_location: str | None) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
-
-
-def version_by_alias(client, name: str, alias: str):
-    """The model version behind ``alias``, or None when the model or the alias does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
-
-
-def champion_standing(client, name: str, metric: str) -> Standing | None:
-    version = version_by_alias(client, name, CHAMPION)
-    if version is None:
-        return None
-    return Standing(str(version.version), float(version.tags.get(f"metric.{metric}", "nan")),
-                    version.tags.get("test_data_fingerprint", ""))
 
 
 def log_model(run_id: str, folder: Path, example: list[str], name: str = "classifier",
               runtime: str = "torch") -> str:
-    """A model folder as a pyfunc model (code from tasks/serving.py); returns the logged model's URI."""
+    """A model folder as a pyfunc model (code from bertflow/serving.py); returns the logged model's URI."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema

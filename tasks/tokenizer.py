@@ -15,9 +15,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from tasks.io import InputError, atomic_dirs, read_column
-from tasks.params import TokenizerParams
-from tasks.paths import Paths
+from bertflow.io import atomic_dirs, read_column
+from bertflow.params import TokenizerParams
+from bertflow.paths import Paths
+from bertflow.tokenization import read_sentences
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FIGURE_BATCH = 1000
@@ -54,16 +55,6 @@ def to_transformers(vocab: dict[str, int], params: TokenizerParams):
         tokenize_chinese_chars=True, model_max_length=params.model_max_length)
 
 
-def load_tokenizer(path: str | Path):
-    """Load the tokenizer a previous tokenizer stage saved (what later stages use)."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not (path / "tokenizer_config.json").is_file():
-        raise InputError(f"{path}: no tokenizer here; run `bertflow tokenizer` first")
-    return AutoTokenizer.from_pretrained(str(path))
-
-
 def tokenizer_figures(tokenizer, texts: list[str]) -> dict:
     """Vocabulary size, [UNK] rate and mean word-pieces per (pre-tokenized) word on ``texts``."""
     backend = tokenizer.backend_tokenizer
@@ -86,10 +77,6 @@ def write_vocab_txt(path: Path, vocab: dict[str, int]) -> None:
     """Google BERT's vocab.txt (one token per line, in id order), for tools that expect it."""
     path.write_text("".join(f"{token}\n" for token, _ in sorted(vocab.items(), key=lambda item: item[1])),
                     encoding="utf-8")
-
-
-def read_sentences(path: Path) -> list[str]:
-    return [s for sentences in read_column(path, "sentences") for s in sentences]
 
 
 def training_texts(paths: Paths, params: TokenizerParams) -> Iterator[str]:

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from bertflow.io import InputError
 from tasks.cli import run_stage
-from tasks.io import InputError
 from tests.conftest import REPO, outputs_left, write_params
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tasks.io import InputError
+from bertflow.io import InputError
 from tests.conftest import REPO, copy_outputs
 
 

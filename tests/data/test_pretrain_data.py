@@ -7,8 +7,8 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
+from bertflow.io import InputError
 from tasks.cli import run_stage
-from tasks.io import InputError
 from tests.conftest import REPO, write_params
 from tests.data.conftest import copy_upstream
 

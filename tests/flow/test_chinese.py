@@ -27,8 +27,8 @@ def test_chinese_pipeline_runs_the_data_stages(tmp_path):
     report = json.loads((tmp_path / "reports" / "pretrain_data.json").read_text())
     assert report["train"]["instances"] > 500 and report["train"]["longest_instance"] <= 128
     # the attention view's Chinese sentence: each character is a word, so "它" is found as one piece
+    from bertflow.params import load_params
     from tasks.attention import encode
-    from tasks.params import load_params
 
     sentence = load_params(REPO / "params.zh.yaml").attention.sentences[0]
     _, pieces, index = encode(tokenizer, sentence)

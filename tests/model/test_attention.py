@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from tasks.io import InputError
+from bertflow.io import InputError
 from tests.conftest import REPO, copy_outputs
 
 
 def test_attention_rows_sum_to_one_and_views_are_drawn(tiny_trained, tmp_path):
+    from bertflow.params import AttentionSentence
+    from bertflow.tokenization import load_tokenizer
     from tasks.attention import encode, load_encoder, token_attention
     from tasks.cli import run_stage
-    from tasks.params import AttentionSentence
-    from tasks.tokenizer import load_tokenizer
 
     sentence = AttentionSentence(text="The animal didn't cross the street because it was too tired", token="it")
     tokenizer = load_tokenizer(tiny_trained / "artifacts" / "classifier")
@@ -43,9 +43,9 @@ def test_attention_rows_sum_to_one_and_views_are_drawn(tiny_trained, tmp_path):
 
 
 def test_a_token_not_in_the_sentence_is_named(tiny_trained):
+    from bertflow.params import AttentionSentence
+    from bertflow.tokenization import load_tokenizer
     from tasks.attention import encode
-    from tasks.params import AttentionSentence
-    from tasks.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_trained / "artifacts" / "classifier")
     with pytest.raises(InputError, match="'elephant' is not a word of"):

@@ -24,9 +24,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tasks import distributed as dd
-from tasks import training as tr
-from tasks.params import write_params_copy
+from bertflow import distributed as dd
+from bertflow import training as tr
+from bertflow.params import write_params_copy
 from tests.conftest import REPO
 
 SAME_MATHS = {"bf16": False, "compile_loss": False, "device": "cpu"}
@@ -76,7 +76,7 @@ def test_a_batch_that_does_not_split_is_refused():
 
 
 def test_torchrun_command_for_one_node_and_for_many():
-    from tasks.params import DistributedParams
+    from bertflow.params import DistributedParams
 
     one = dd.launch_command(DistributedParams(nproc_per_node=2), ["pretrain"])
     assert "--standalone" in one and "--nproc-per-node=2" in one and one[-3:] == ["-m", "tasks.cli", "pretrain"]

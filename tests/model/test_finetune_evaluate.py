@@ -7,8 +7,8 @@ import shutil
 import pytest
 from transformers import AutoConfig
 
+from bertflow.io import InputError
 from tasks.cli import run_stage
-from tasks.io import InputError
 from tests.conftest import REPO, kill_stage_after_first_checkpoint, write_params
 
 POSITIVE = ["good", "great", "fine", "happy", "nice", "best"]

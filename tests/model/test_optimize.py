@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
+from bertflow.classification import read_split
+from bertflow.compress import layer_map, prunable
+from bertflow.io import InputError
+from bertflow.params import VARIANTS, load_params
+from bertflow.paths import Paths
+from bertflow.serving import open_model
 from tasks.cli import run_stage
-from tasks.compress import layer_map, prunable
-from tasks.finetune import read_split
-from tasks.io import InputError
-from tasks.params import VARIANTS, load_params
-from tasks.paths import Paths
-from tasks.serving import open_model
 from tests.conftest import REPO, copy_outputs
 
 FIGURES = ("accuracy", "macro_f1", "latency_p50_ms_b1", "latency_p99_ms_b1", "throughput_b1", "throughput_b64",

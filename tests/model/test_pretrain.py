@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import BertForPreTraining, BertForSequenceClassification
 
-from tasks import training as tr
+from bertflow import training as tr
+from bertflow.io import InputError
+from bertflow.model import compiled_masked_lm_loss, pretraining_loss
+from bertflow.pretraining import PretrainBatches, read_shards
+from bertflow.tokenization import load_tokenizer
 from tasks.cli import run_stage
-from tasks.io import InputError
-from tasks.model import compiled_masked_lm_loss, pretraining_loss
-from tasks.pretrain import PretrainBatches, read_shards
-from tasks.tokenizer import load_tokenizer
 from tests.conftest import REPO, kill_stage_after_first_checkpoint
 
 RESUME = {"pretrain.max_steps": 150, "pretrain.checkpoint_every_steps": 10, "pretrain.eval_every": 50}
@@ -124,7 +124,7 @@ def test_pretraining_batches_are_built_by_length(tiny_run):
     """Consecutive batch_size groups of the epoch order have similar lengths: less padding than a shuffle."""
     import random
 
-    from tasks.pretrain import PretrainBatches, read_shards
+    from bertflow.pretraining import PretrainBatches, read_shards
 
     batches = PretrainBatches(read_shards(tiny_run / "data" / "pretrain" / "train"), 0, None, seed=3)
     lengths, size = batches.lengths, 8

@@ -12,19 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.params import VARIANTS
-from tasks.register import (
-    CHALLENGER,
-    CHAMPION,
-    FAST,
-    Standing,
-    Variant,
-    data_fingerprint,
-    fast_choice,
-    promotion,
-    redact,
-)
-from tasks.tracking import dvc_lock_hashes, flatten, numeric, read_curve
+from bertflow.params import VARIANTS
+from bertflow.registry import Standing, Variant, fast_choice, promotion, redact
+from bertflow.tracking import dvc_lock_hashes, flatten, numeric, read_curve
+from tasks.register import CHALLENGER, CHAMPION, FAST, data_fingerprint
 from tests.conftest import REPO, copy_outputs
 
 BIN = Path(sys.executable).parent

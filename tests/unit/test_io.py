@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tasks.io import atomic_dirs, write_json
+from bertflow.io import atomic_dirs, write_json
 
 
 def test_atomic_dirs_replace_targets_only_on_success(tmp_path):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tasks.language_models import END, START, KneserNeyBigram, bigrams, context_distribution
+from bertflow.language_models import END, START, KneserNeyBigram, bigrams, context_distribution
 
 # Three sentences over pieces 0, 1, 2; with boundaries: S 0 1 E, S 0 2 E, S 1 2 E.
 # Bigram counts: (S,0) 2, (0,1) 1, (1,E) 1, (0,2) 1, (2,E) 2, (S,1) 1, (1,2) 1: 7 distinct pairs.
@@ -61,7 +61,7 @@ def test_refuses_what_it_cannot_use():
 def test_lstm_language_model_learns_and_scores_like_its_loss():
     import torch
 
-    from tasks.language_models import lstm_batch, lstm_loss, lstm_model, lstm_perplexity, train_lstm
+    from bertflow.language_models import lstm_batch, lstm_loss, lstm_model, lstm_perplexity, train_lstm
 
     inputs, targets = lstm_batch([[4, 5], [6]], vocab_size=8)
     assert inputs.tolist() == [[8, 4, 5], [8, 6, 0]] and targets.tolist() == [[4, 5, 8], [6, 8, -100]]
@@ -77,7 +77,7 @@ def test_lstm_language_model_learns_and_scores_like_its_loss():
 
 
 def test_ney_discount_and_unigram_floor_by_hand():
-    from tasks.language_models import ney_discount, unigram_perplexity
+    from bertflow.language_models import ney_discount, unigram_perplexity
 
     # CORPUS's bigram counts: five seen once, two seen twice → d = 5 / (5 + 2·2) = 5/9.
     assert ney_discount(KneserNeyBigram(CORPUS, vocab_size=3).pair_counts) == pytest.approx(5 / 9)
@@ -89,7 +89,7 @@ def test_ney_discount_and_unigram_floor_by_hand():
 def test_lstm_output_is_a_distribution_in_id_order():
     import torch
 
-    from tasks.language_models import frequency_rank, lstm_model, usable_cutoffs
+    from bertflow.language_models import frequency_rank, lstm_model, usable_cutoffs
 
     rank = frequency_rank([[3, 3, 3, 1], [3, 1, 2]], vocab_size=5)  # classes 0..4 pieces, 5 the end symbol
     assert rank[3] == 0 and rank[1] == 1 and rank[5] == 2 and rank[2] == 3  # 3 ×4, 1 ×2, E ×2, 2 ×1
@@ -106,7 +106,7 @@ def test_lstm_output_is_a_distribution_in_id_order():
 
 
 def test_lstm_training_stops_at_its_time_budget():
-    from tasks.language_models import lstm_model, train_lstm
+    from bertflow.language_models import lstm_model, train_lstm
 
     model = lstm_model(vocab_size=8, embedding=8, hidden=8, seed=0)
     losses = train_lstm(model, [[1, 2, 3]] * 4, 8, batch_size=2, budget_seconds=0.5)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tasks.params import ParamsError, load_params
+from bertflow.params import ParamsError, load_params
 from tests.conftest import REPO, outputs_left, write_params
 
 

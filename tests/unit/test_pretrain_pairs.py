@@ -4,15 +4,9 @@ import random
 
 import pytest
 
-from tasks.pretrain_data import (
-    MaskingSpec,
-    PairSpec,
-    candidate_groups,
-    create_instances_from_document,
-    mask_tokens,
-    plan_units,
-    truncate_pair,
-)
+from bertflow.masking import MaskingSpec, candidate_groups, mask_tokens
+from bertflow.pairs import PairSpec, create_instances_from_document, truncate_pair
+from tasks.pretrain_data import plan_units
 
 CLS, SEP, MASK, PAD, UNK = 2, 3, 4, 0, 1
 SPECIAL = frozenset({PAD, UNK, CLS, SEP, MASK})
@@ -123,13 +117,13 @@ def test_plan_units_cover_every_document_once_per_dupe():
 
 
 def test_class_weights_are_inverse_frequency():
-    from tasks.finetune import class_weights
+    from bertflow.classification import class_weights
 
     assert class_weights([0, 0, 0, 1], 2).tolist() == pytest.approx([4 / 6, 2.0])
 
 
 def test_epoch_order_groups_similar_lengths_and_covers_full_batches():
-    from tasks.training import epoch_order
+    from bertflow.training import epoch_order
 
     lengths = [random.Random(i).randint(3, 60) for i in range(1000)]
     order = epoch_order(lengths, batch_size=10, seed=1, epoch=0, pool=5)

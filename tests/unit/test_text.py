@@ -1,6 +1,6 @@
 """Known answers for cleaning and sentence splitting."""
 
-from tasks.text import clean_text, document_sentences, split_sentences
+from bertflow.text import clean_text, document_sentences, split_sentences
 
 
 def test_clean_text_normalises_unicode_controls_and_whitespace():

@@ -1,7 +1,7 @@
 """Making the classifier cheaper: int8 quantization, ONNX export, distillation into a student, pruning.
 
 Each function takes the fine-tuned classifier (a transformers ``BertForSequenceClassification``)
-and writes one variant folder that ``tasks/serving.py`` can open: ``tokenizer.json`` and
+and writes one variant folder that ``bertflow/serving.py`` can open: ``tokenizer.json`` and
 ``config.json`` always, the weights, and ``variant.json`` naming the runtime when it is not a
 plain ``save_pretrained`` model. Reads nothing itself; the stage (tasks/optimize.py) hands in the
 models and data. The training loops (distillation, pruning recovery) write a metrics CSV row
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification
 
-from tasks import training as tr
-from tasks.finetune import Encoded
-from tasks.io import InputError, write_json
-from tasks.serving import VARIANT_FILE, quantize_int8
+from bertflow import training as tr
+from bertflow.classification import Encoded
+from bertflow.io import InputError, write_json
+from bertflow.serving import VARIANT_FILE, quantize_int8
 
 log = logging.getLogger(__name__)
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

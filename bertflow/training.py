@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.io import InputError, atomic_dirs, read_json, write_json
+from bertflow.io import InputError, atomic_dirs, read_json, write_json
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.io import InputError
-from tasks.params import HF_PREFIX, CorpusSource
+from bertflow.io import InputError
+from bertflow.params import HF_PREFIX, CorpusSource
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 COMPRESSED_SUFFIXES = (".gz", ".xz", ".zst")

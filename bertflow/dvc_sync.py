@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from tasks.io import InputError
-from tasks.params import IngestParams, Params
+from bertflow.io import InputError
+from bertflow.params import IngestParams, Params
 
 CODE_PREFIX = "tasks/"
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from tasks.io import InputError
+from bertflow.io import InputError
 
 LAUNCHED = "BERTFLOW_DISTRIBUTED"  # set by the launcher, so a rank never launches again
 BACKEND = "BERTFLOW_BACKEND"

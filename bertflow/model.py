@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForPreTraining, BertForSequenceClassification
 from transformers.utils import logging as hf_logging
 
-from tasks.io import InputError
+from bertflow.io import InputError
 
 
 def construct_config(model_params, vocab_size: int, pad_token_id: int) -> BertConfig:

@@ -14,10 +14,10 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.io import InputError
-from tasks.params import LabeledParams
-from tasks.sources import decode, iter_jsonl, read_bytes
-from tasks.text import clean_text
+from bertflow.io import InputError
+from bertflow.params import LabeledParams
+from bertflow.sources import decode, iter_jsonl, read_bytes
+from bertflow.text import clean_text
 
 BAD_ROW_REASONS = ("empty_text", "missing_label", "unseen_label")
 SHOWN_LINES = 10

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.paths import Paths
+from bertflow.paths import Paths
 
 PIPELINE = ("ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate", "attention",
             "optimize", "register", "report")  # every stage, in the order the flow runs them

@@ -1,0 +1,75 @@
+"""The model card: the Markdown description of a registered version (figures, variants, lineage).
+
+Pure: reports and params in, Markdown out.
+"""
+
+from __future__ import annotations
+
+
+def model_card(name: str, version: str | None, params: dict, reports: dict, lineage: dict, decision: str,
+               reason: str) -> str:
+    ingest, evaluation = reports.get("ingest", {}), reports.get("evaluate", {})
+    pretrain, finetune = reports.get("pretrain", {}), reports.get("finetune", {})
+    test, baselines = evaluation.get("test", {}), evaluation.get("baselines", {})
+    model = params["pretrain"]["model"]
+    rows = ingest.get("labeled", {}).get("rows", {})
+    corpus = ingest.get("corpus", {})
+    lines = [
+        f"# {name}" + (f" v{version}" if version else ""), "",
+        "BERT sequence classifier built by bertflow: corpus → WordPiece tokenizer → MLM+NSP pretraining → "
+        "fine-tuning → evaluation → registration.", "",
+        f"**Gate:** {decision} ({reason}).", "",
+        "## Use", "",
+        "```python", "import mlflow",
+        f'model = mlflow.pyfunc.load_model("models:/{name}@champion")',
+        'model.predict(["a charming and often affecting journey"])  # label + score_<label> per class',
+        f'fast = mlflow.pyfunc.load_model("models:/{name}@fast")  # quickest variant within the accuracy budget',
+        "```", "Needs mlflow and tokenizers, plus torch and transformers (PyTorch variants) or onnxruntime (ONNX).", "",
+        "## Data", "",
+        f"- Pretraining corpus: {_get(corpus, 'train', 'documents')} documents, {_get(corpus, 'train', 'sentences')} "
+        f"sentences (train); {_get(corpus, 'heldout', 'documents')} documents held out.",
+        f"- Labeled rows: train {rows.get('train', '?')}, dev {rows.get('dev', '?')}, test {rows.get('test', '?')}; "
+        f"labels {evaluation and list(test.get('per_class', {}))}.",
+        f"- Sources: {', '.join(s['path'] for s in params['ingest']['corpus']['sources'])}; labeled "
+        f"{params['ingest']['labeled']['train']}.", "",
+        "## Model and training", "",
+        f"- BERT L{model['num_hidden_layers']}/H{model['hidden_size']}/A{model['num_attention_heads']}, "
+        f"{pretrain.get('parameters', '?')} parameters, vocabulary {reports.get('tokenizer', {}).get('vocab_size')}.",
+        f"- Pretraining: {pretrain.get('steps', '?')} steps, {pretrain.get('tokens', '?')} tokens in "
+        f"{pretrain.get('seconds', '?')} s; held-out MLM accuracy "
+        f"{evaluation.get('pretrained_heldout', {}).get('mlm_accuracy', '?')}, NSP accuracy "
+        f"{evaluation.get('pretrained_heldout', {}).get('nsp_accuracy', '?')}.",
+        f"- Fine-tuning: best epoch {finetune.get('pretrained', {}).get('best_epoch', '?')} of "
+        f"{params['finetune']['epochs']}, learning rate {params['finetune']['learning_rate']}.", "",
+        "## Evaluation (test split)", "",
+        "| model | accuracy | macro-F1 |", "|---|---|---|",
+        f"| this model | {test.get('accuracy', '?')} | {test.get('macro_f1', '?')} |",
+        *[f"| baseline: {key} | {value.get('accuracy')} | {value.get('macro_f1')} |"
+          for key, value in baselines.items()], "",
+        *variant_table(reports.get("optimize", {})),
+        "## Lineage", "",
+        *[f"- {key}: `{value}`" for key, value in sorted(lineage.items())], "",
+    ]
+    return "\n".join(lines)
+
+
+def variant_table(optimize: dict) -> list[str]:
+    """The trade-off table of reports/optimize.json (empty when the stage did not run)."""
+    variants = optimize.get("variants", {})
+    if not variants:
+        return []
+    lines = ["## Variants (test split, batch-1 latency and throughput on "
+             f"{optimize.get('threads', '?')} threads)", "",
+             "| variant | runtime | accuracy | macro-F1 | p50 ms b1 | p99 ms b1 | texts/s b1 | texts/s b64 | "
+             "MB | speed-up b1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, f in variants.items():
+        lines.append(f"| {name} | {f['runtime']} | {f['accuracy']} | {f['macro_f1']} | {f['latency_p50_ms_b1']} | "
+                     f"{f['latency_p99_ms_b1']} | {f['throughput_b1']} | {f['throughput_b64']} | {f['size_mb']} | "
+                     f"{f['speedup_b1']}× |")
+    return [*lines, ""]
+
+
+def _get(mapping: dict, *keys: str):
+    for key in keys:
+        mapping = mapping.get(key, {}) if isinstance(mapping, dict) else {}
+    return mapping if mapping != {} else "?"

@@ -1,0 +1,47 @@
+"""Loading the tokenizer the tokenizer stage saved, and turning corpus sentences into word-piece ids.
+
+Reads: a ``save_pretrained`` tokenizer folder, ``data/corpus/*.parquet`` sentences; writes nothing.
+Used by every stage after tokenizer (only the tokenizer stage trains one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bertflow.io import InputError, read_column
+
+
+def load_tokenizer(path: str | Path):
+    """Load the tokenizer a previous tokenizer stage saved (what later stages use)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer_config.json").is_file():
+        raise InputError(f"{path}: no tokenizer here; run `bertflow tokenizer` first")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def read_sentences(path: Path) -> list[str]:
+    return [s for sentences in read_column(path, "sentences") for s in sentences]
+
+
+ENCODE_BATCH = 10_000
+
+
+Document = list[list[int]]  # sentences of token ids
+
+
+def tokenize_documents(tokenizer, documents: list[list[str]]) -> list[Document]:
+    """Token ids of every sentence (no special tokens); empty sentences and documents dropped."""
+    flat = [s for doc in documents for s in doc]
+    ids: list[list[int]] = []
+    for start in range(0, len(flat), ENCODE_BATCH):
+        batch = tokenizer.backend_tokenizer.encode_batch(flat[start:start + ENCODE_BATCH], add_special_tokens=False)
+        ids.extend(encoding.ids for encoding in batch)
+    out, cursor = [], 0
+    for doc in documents:
+        sentences = [s for s in ids[cursor:cursor + len(doc)] if s]
+        cursor += len(doc)
+        if sentences:
+            out.append(sentences)
+    return out
