@@ -1,67 +1,262 @@
-"""Keeping dvc.yaml's ingest deps in step with the sources listed in params.yaml.
+"""Keeping dvc.yaml and params.yaml in step with the code and the params, so `dvc status` can be trusted.
 
-DVC cannot interpolate a list into ``deps``, so ``bertflow sync-dvc`` writes the ingest stage's
-data deps (every local corpus source and labeled file) into dvc.yaml, keeping its code deps
-(``tasks/...``) and comments. ``check_dvc_deps`` lets ``bertflow ingest`` refuse to run when
-dvc.yaml misses a source, since ``dvc repro`` would then not see changes to it.
-Reads params and dvc.yaml; writes dvc.yaml (sync only).
+``bertflow sync-dvc`` writes, from the code itself and the stage registry (bertflow/stages.py):
+- each stage's code deps: the project files in its import closure (``tasks/cli.py``, which runs every
+  stage, and ``tasks/<stage>.py``, with every project module they import, lazily or not, and the
+  packages' ``__init__.py``), after its data deps;
+- ingest's data deps: every local corpus source and labeled file of params.yaml, relative to the
+  dvc.yaml folder as written (a symbolic link on the way is kept, not resolved);
+- each stage's ``params`` (the sections it reads);
+- ``persist: true`` on the outputs of stages with side effects (register, report): DVC never restores
+  such a stage from its run-cache, so an old params value calls MLflow again;
+- params.yaml with every field written out (defaults included), so DVC sees every value a stage uses.
+``check_stage`` lets ``bertflow <stage>`` refuse to run when any of that is stale, naming what is missing.
+Reads the code, params.yaml and dvc.yaml; writes dvc.yaml and params.yaml (sync only), atomically.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
 from ruamel.yaml import YAML
 
+from bertflow import stages
 from bertflow.io import InputError
-from bertflow.params import IngestParams, Params
+from bertflow.params import IngestParams, Params, fill_defaults, load_params, missing_fields
 
-CODE_PREFIX = "tasks/"
+PACKAGES = ("bertflow", "tasks", "flows")  # the project's own code; everything else is a library
+ENTRY = "tasks/cli.py"  # `bertflow <stage>`: it runs before, around and after every stage
+
+
+# ---------------------------------------------------------------- the import closure (pure reading)
+
+
+def module_file(root: Path, dotted: str) -> str | None:
+    """``bertflow.io`` → ``bertflow/io.py`` (or a package's ``__init__.py``) under ``root``, if it is project code."""
+    if dotted.split(".")[0] not in PACKAGES:
+        return None
+    base = Path(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if (root / candidate).is_file():
+            return candidate.as_posix()
+    return None
+
+
+def imported_modules(root: Path, relative: str) -> set[str]:
+    """Dotted names of the modules a file imports anywhere in it (function-level imports included)."""
+    tree = ast.parse((root / relative).read_text(encoding="utf-8"), filename=relative)
+    package = relative.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+    if not relative.endswith("__init__.py"):
+        package = package.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return found
+
+
+def import_closure(root: Path, start: list[str]) -> list[str]:
+    """Every project file reached from ``start`` by imports, with the ``__init__.py`` of each package on the way."""
+    seen: set[str] = set()
+    todo = list(start)
+    while todo:
+        relative = todo.pop()
+        if relative in seen or not (root / relative).is_file():
+            continue
+        seen.add(relative)
+        parts = Path(relative).parts
+        todo += [Path(*parts[:depth], "__init__.py").as_posix() for depth in range(1, len(parts))]
+        for dotted in imported_modules(root, relative):
+            target = module_file(root, dotted)
+            if target:
+                todo.append(target)
+    return sorted(seen)
+
+
+def code_deps(root: Path, stage: str) -> list[str]:
+    """The project files ``bertflow <stage>`` runs."""
+    return import_closure(root, [ENTRY, f"tasks/{stage}.py"])
+
+
+def is_code(dep: str) -> bool:
+    return str(dep).split("/")[0] in PACKAGES
 
 
 def data_deps(params: IngestParams, dvc_dir: Path) -> list[str]:
-    """Local corpus sources and labeled files, relative to the dvc.yaml folder, in params order."""
+    """Local corpus sources and labeled files, relative to the dvc.yaml folder, in params order, as written."""
     paths = [source.path for source in params.corpus.sources if not source.is_hf]
     paths += [p for p in (params.labeled.train, params.labeled.dev, params.labeled.test) if p]
-    return [os.path.relpath(path, dvc_dir.resolve()) for path in dict.fromkeys(paths)]
+    return [os.path.relpath(path, os.path.abspath(dvc_dir)) for path in dict.fromkeys(paths)]
+
+
+# ---------------------------------------------------------------- what dvc.yaml should say
 
 
 def _yaml() -> YAML:
     yaml = YAML()
     yaml.preserve_quotes = True
     yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    yaml.representer.add_representer(float, _float)
     return yaml
 
 
-def _ingest_deps(document: dict, dvc_yaml: Path) -> list:
+def _float(representer, value: float):
+    """Floats that every YAML reader takes as floats: PyYAML reads ``1e-06`` as a string, ``1.0e-06`` as a float."""
+    text = repr(value)
+    if "e" in text and "." not in text.split("e")[0]:
+        text = text.replace("e", ".0e", 1)
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+
+def _maps(node) -> list:
+    """Every ruamel mapping in a loaded document, outermost first."""
+    if isinstance(node, list):
+        return [found for item in node for found in _maps(item)]
+    if not hasattr(node, "ca") or not isinstance(node, dict):
+        return []
+    return [node, *[found for value in node.values() for found in _maps(value)]]
+
+
+def _move_trailing_comment(node, old_keys: list) -> None:
+    """Keys appended to a ruamel map land after the blank lines and comments that ended it; move those
+    (not the last old key's own end-of-line comment) below the new keys, so sections stay apart."""
+    keys = list(node)
+    if not old_keys or keys[-1] == old_keys[-1]:
+        return
+    slots = node.ca.items.get(old_keys[-1])
+    token = slots[2] if slots and len(slots) > 2 else None
+    if token is None or "\n" not in token.value:
+        return
+    own, rest = token.value.split("\n", 1)
+    if not rest.strip("\n ") and "\n" not in rest and not rest:
+        return
+    if not rest:
+        return
+    from ruamel.yaml.tokens import CommentToken
+
+    token.value = own + "\n"
+    node.ca.items.setdefault(keys[-1], [None, None, None, None])[2] = CommentToken("\n" + rest, token.start_mark)
+
+
+def _stage_entry(document: dict, name: str, dvc_yaml: Path) -> dict:
     try:
-        return document["stages"]["ingest"]["deps"]
+        return document["stages"][name]
     except (KeyError, TypeError):
-        raise InputError(f"{dvc_yaml}: no stages.ingest.deps list") from None
+        raise InputError(f"{dvc_yaml}: no stage {name!r} (bertflow/stages.py lists it)") from None
 
 
-def sync_dvc_yaml(dvc_yaml: Path, params: Params) -> bool:
-    """Rewrite the ingest stage's data deps; returns True when dvc.yaml changed."""
-    yaml = _yaml()
-    document = yaml.load(dvc_yaml.read_text(encoding="utf-8"))
-    deps = _ingest_deps(document, dvc_yaml)
-    wanted = data_deps(params.ingest, dvc_yaml.parent) + [d for d in deps if str(d).startswith(CODE_PREFIX)]
-    if [str(d) for d in deps] == wanted:
-        return False
-    deps[:] = wanted
-    tmp = dvc_yaml.with_name(f".{dvc_yaml.name}.tmp")
+def wanted_deps(entry: dict, stage: str, root: Path, params: Params) -> list[str]:
+    """Data deps first (ingest's from params, the others' as written), then the code deps."""
+    written = [str(dep) for dep in entry.get("deps", [])]
+    data = data_deps(params.ingest, root) if stage == "ingest" else [d for d in written if not is_code(d)]
+    return data + code_deps(root, stage)
+
+
+def _outputs(entry: dict) -> list[dict]:
+    """The option maps of a stage's outs/metrics/plots, turning bare paths into ``{path: {}}`` in place."""
+    found = []
+    for kind in ("outs", "metrics", "plots"):
+        items = entry.get(kind) or []
+        for index, item in enumerate(items):
+            if isinstance(item, str):
+                items[index] = item = {item: {}}
+            for path, options in item.items():
+                if options is None:
+                    item[path] = options = {}
+                found.append(options)
+    return found
+
+
+def sync_document(document: dict, root: Path, params: Params) -> bool:
+    """Bring every stage's deps, params and persistence in line; True when something changed."""
+    changed = False
+    dvc_yaml = root / "dvc.yaml"
+    for stage in stages.STAGES:
+        entry = _stage_entry(document, stage.name, dvc_yaml)
+        deps = wanted_deps(entry, stage.name, root, params)
+        if [str(d) for d in entry.get("deps", [])] != deps:
+            entry["deps"] = deps
+            changed = True
+        if [str(p) for p in entry.get("params", [])] != list(stage.params):
+            entry["params"] = list(stage.params)
+            changed = True
+        if stage.side_effects:
+            for options in _outputs(entry):
+                if options.get("persist") is not True:
+                    options["persist"] = True
+                    changed = True
+    return changed
+
+
+# ---------------------------------------------------------------- the edges: write, check
+
+
+def _write_atomically(path: Path, yaml: YAML, document) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         yaml.dump(document, handle)
-    os.replace(tmp, dvc_yaml)
-    return True
+    os.replace(tmp, path)
 
 
-def check_dvc_deps(dvc_yaml: Path, params: Params) -> None:
-    """Fail when dvc.yaml's ingest stage does not depend on every local source in params."""
-    document = _yaml().load(dvc_yaml.read_text(encoding="utf-8"))
-    declared = {os.path.normpath(str(d)) for d in _ingest_deps(document, dvc_yaml)}
-    missing = [p for p in data_deps(params.ingest, dvc_yaml.parent) if os.path.normpath(p) not in declared]
-    if missing:
-        raise InputError(f"{dvc_yaml}: stage ingest does not depend on {missing} from params.yaml, so "
-                         "`dvc repro` would miss changes to them; run `bertflow sync-dvc`")
+def write_resolved_params(params_yaml: Path) -> list[str]:
+    """Write every field params.yaml leaves to its default into it (comments and order kept); returns them."""
+    yaml = _yaml()
+    document = yaml.load(params_yaml.read_text(encoding="utf-8"))
+    before = [(node, list(node)) for node in _maps(document)]
+    added = fill_defaults(document, load_params(params_yaml))
+    for node, old_keys in before:
+        _move_trailing_comment(node, old_keys)
+    if added:
+        _write_atomically(params_yaml, yaml, document)
+    return added
+
+
+def sync_dvc_yaml(dvc_yaml: Path, params_yaml: Path | None = None) -> bool:
+    """``bertflow sync-dvc``: params.yaml resolved, then dvc.yaml's deps, params and persistence.
+
+    Returns True when either file changed.
+    """
+    params_yaml = params_yaml or dvc_yaml.with_name("params.yaml")
+    added = write_resolved_params(params_yaml)
+    yaml = _yaml()
+    document = yaml.load(dvc_yaml.read_text(encoding="utf-8"))
+    before = [(node, list(node)) for node in _maps(document)]
+    changed = sync_document(document, dvc_yaml.parent, load_params(params_yaml))
+    for node, old_keys in before:
+        _move_trailing_comment(node, old_keys)
+    if changed:
+        _write_atomically(dvc_yaml, yaml, document)
+    return changed or bool(added)
+
+
+def stale_entries(dvc_yaml: Path, params: Params, stage: str) -> list[str]:
+    """What dvc.yaml misses for ``stage``: deps (code or data) and params sections, each named."""
+    entry = _stage_entry(_yaml().load(dvc_yaml.read_text(encoding="utf-8")), stage, dvc_yaml)
+    declared = {os.path.normpath(str(d)) for d in entry.get("deps", [])}
+    wanted = wanted_deps(entry, stage, dvc_yaml.parent, params)
+    problems = [f"dep {dep}" for dep in wanted if os.path.normpath(dep) not in declared]
+    declared_params = {str(p) for p in entry.get("params", [])}
+    problems += [f"params {section}" for section in stages.BY_NAME[stage].params if section not in declared_params]
+    return problems
+
+
+def check_stage(dvc_yaml: Path, params_yaml: Path, params: Params, stage: str) -> None:
+    """Refuse to run ``stage`` when dvc.yaml or params.yaml would hide a change from `dvc repro`."""
+    problems = stale_entries(dvc_yaml, params, stage)
+    if problems:
+        raise InputError(f"{dvc_yaml}: stage {stage} does not depend on {', '.join(problems)}, so `dvc repro` "
+                         "would miss changes to them; run `bertflow sync-dvc`")
+    unwritten = missing_fields(params_yaml)
+    if unwritten:
+        raise InputError(f"{params_yaml}: {', '.join(unwritten)} left to defaults in code, where DVC cannot see "
+                         "them; run `bertflow sync-dvc` to write every field out")

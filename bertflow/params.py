@@ -8,6 +8,7 @@ params file (the folder DVC runs from).
 
 from __future__ import annotations
 
+import os
 import typing
 import warnings
 from pathlib import Path
@@ -32,7 +33,7 @@ def _check_local_path(value: str, info: ValidationInfo) -> str:
     if value.startswith(HF_PREFIX):
         return value
     base = Path((info.context or {}).get("base_dir", "."))
-    path = (base / value).resolve()
+    path = Path(os.path.abspath(base / value))  # as written: a symbolic link on the way stays in the path
     if not path.exists():
         raise ValueError(f"path does not exist: {path}")
     return str(path)
@@ -378,7 +379,7 @@ def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Pa
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     try:
-        return Params.model_validate(raw, context={"base_dir": path.resolve().parent})
+        return Params.model_validate(raw, context={"base_dir": Path(os.path.abspath(path)).parent})
     except ValidationError as exc:
         raise ParamsError(_format_errors(path, exc)) from None
 
@@ -454,3 +455,38 @@ def _model_in(annotation: Any) -> Any:
             return found
     return None
 
+
+
+# ---------------------------------------------------------------- every field written out (for DVC)
+
+
+def fill_defaults(raw: dict, validated: BaseModel, prefix: str = "") -> list[str]:
+    """Write every field ``raw`` leaves out, with the value it validated to, into ``raw``; returns their keys.
+
+    DVC hashes only what params.yaml says, so a field left to its default in code is invisible to it:
+    ``bertflow sync-dvc`` fills them in (keeping what is written), and the stages refuse a params.yaml
+    that still lacks one (``missing_fields``). Works on plain dicts and on ruamel's round-trip maps.
+    """
+    added = []
+    dumped = validated.model_dump(mode="json")
+    for name in type(validated).model_fields:
+        value = getattr(validated, name)
+        key = f"{prefix}{name}"
+        if name not in raw:
+            raw[name] = dumped[name]
+            added.append(key)
+        elif isinstance(value, BaseModel) and isinstance(raw[name], dict):
+            added += fill_defaults(raw[name], value, f"{key}.")
+        elif isinstance(value, list | tuple) and isinstance(raw[name], list):
+            for index, (item, written) in enumerate(zip(value, raw[name], strict=False)):
+                if isinstance(item, BaseModel) and isinstance(written, dict):
+                    added += fill_defaults(written, item, f"{key}.{index}.")
+    return added
+
+
+def missing_fields(path: str | Path) -> list[str]:
+    """The dotted keys a valid params file leaves to their defaults (none once ``sync-dvc`` has run)."""
+    import copy
+
+    raw = _read_yaml(Path(path))
+    return fill_defaults(copy.deepcopy(raw), load_params(path))

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import yaml
 
+from bertflow import stages
 from bertflow.paths import Paths
 
-PIPELINE = ("ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate", "attention",
-            "optimize", "register", "report")  # every stage, in the order the flow runs them
-STAGE_ORDER = PIPELINE[:PIPELINE.index("register")]  # the stages whose reports and curves register tracks
+STAGE_ORDER = stages.before("register")  # the stages whose reports and curves register tracks
 EMBEDDED_DIR = "mlruns"  # under the project root: mlflow.db (runs + registry) and artifacts/
 CURVES = {"lm_baselines": ("lm_baselines/lstm.csv",),
           "pretrain": ("pretrain/train.csv", "pretrain/eval.csv"),

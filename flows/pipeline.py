@@ -54,12 +54,12 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from bertflow import tracking  # noqa: E402
+from bertflow import stages, tracking  # noqa: E402
 from bertflow.paths import Paths  # noqa: E402
 from bertflow.tracking import prefect_flow_run_id  # noqa: E402
 
-STAGES = tracking.PIPELINE
-POOLED = ("pretrain", "finetune")  # the stages a training work pool takes, when params name one
+STAGES = stages.PIPELINE
+POOLED = stages.POOLED  # the stages a training work pool takes, when params name one
 STAGE_FLOW = "bertflow-stage"
 # I/O-bound stages are retried (remote sources may hiccup), training never, and bad input never: it
 # fails the same way every time. register retries the registry itself (register.retries, back-off).

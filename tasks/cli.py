@@ -16,25 +16,11 @@ import sys
 from pathlib import Path
 
 from bertflow import distributed
-from bertflow.dvc_sync import check_dvc_deps, sync_dvc_yaml
+from bertflow.dvc_sync import check_stage, stale_entries, sync_dvc_yaml
 from bertflow.io import InputError, write_json
 from bertflow.params import ParamsError, load_params
 from bertflow.paths import Paths
-
-STAGES = {
-    "ingest": "read sources and labeled data into data/corpus and data/labeled",
-    "tokenizer": "train the WordPiece vocabulary into artifacts/tokenizer",
-    "lm_baselines": "bigram (Kneser-Ney) and LSTM language models: held-out perplexity over the word pieces",
-    "pretrain_data": "build NSP pairs and MLM masks into data/pretrain",
-    "pretrain": "pretrain BERT (MLM + NSP) into artifacts/pretrained",
-    "finetune": "fine-tune the classifier into artifacts/classifier (+ the random-init ablation)",
-    "evaluate": "test-set figures, held-out MLM figures and baselines into reports/evaluate",
-    "attention": "attention of a chosen token, per layer and head, pretrained vs fine-tuned, into reports/attention",
-    "optimize": "int8, ONNX, distilled and pruned variants of the classifier, measured, into artifacts/optimized",
-    "register": "track the run in MLflow and register the classifier (challenger/champion)",
-    "report": "one self-contained HTML page of the run into reports/report.html (and its MLflow run)",
-}
-DISTRIBUTED = ("pretrain", "finetune")  # the stages that run under torchrun when params ask for it
+from bertflow.stages import BY_NAME, STAGES
 
 
 def run_stage(stage: str, params_file: str | Path = "params.yaml", root: str | Path = ".",
@@ -44,10 +30,11 @@ def run_stage(stage: str, params_file: str | Path = "params.yaml", root: str | P
     paths = Paths(Path(root))
     dvc_yaml = paths.root / "dvc.yaml"
     uses_dvc_params = Path(params_file).resolve() == (paths.root / "params.yaml").resolve()
-    if stage == "ingest" and dvc_yaml.is_file() and uses_dvc_params:
-        check_dvc_deps(dvc_yaml, params)
-    module = importlib.import_module(f"tasks.{stage}")
-    section = params if getattr(module, "WHOLE_PARAMS", False) else getattr(params, stage)
+    if dvc_yaml.is_file() and uses_dvc_params:
+        check_stage(dvc_yaml, Path(params_file), params, stage)
+    entry = BY_NAME[stage]
+    module = importlib.import_module(entry.module)
+    section = params if entry.whole_params else getattr(params, stage)
     figures = module.run(section, paths)
     if distributed.is_main_process():
         write_json(paths.report(stage), figures)
@@ -61,7 +48,7 @@ def launch_distributed(stage: str, params_file: str, argv: list[str]) -> None:
     flow, a shell) waits on torchrun itself, and a signal to it, even SIGKILL, reaches the ranks
     (they end with their parent: ``distributed.follow_launcher``). Returns only when not launching.
     """
-    if stage not in DISTRIBUTED:
+    if not BY_NAME[stage].distributed:
         return
     params = load_params(params_file)
     settings = params.distributed
@@ -75,14 +62,33 @@ def launch_distributed(stage: str, params_file: str, argv: list[str]) -> None:
     os.execve(command[0], command, distributed.launch_env(settings))
 
 
+def sync_or_check(root: Path, check: bool) -> int:
+    """``bertflow sync-dvc [--check]`` on the project's own params.yaml and dvc.yaml (the files DVC reads)."""
+    from bertflow.params import missing_fields
+
+    dvc_yaml, params_yaml = root / "dvc.yaml", root / "params.yaml"
+    if not check:
+        changed = sync_dvc_yaml(dvc_yaml, params_yaml)
+        print(f"bertflow sync-dvc: {'updated' if changed else 'already in step'}: {dvc_yaml}, {params_yaml}")
+        return 0
+    params = load_params(params_yaml)
+    problems = [f"{name}: {problem}" for name in BY_NAME for problem in stale_entries(dvc_yaml, params, name)]
+    problems += [f"params.yaml leaves {key} to its default" for key in missing_fields(params_yaml)]
+    for problem in problems:
+        print(f"bertflow sync-dvc: stale: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bertflow", description="bertflow pipeline stages")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--root", default=".", help="project root holding data/, artifacts/, reports/")
     commands = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
-    for stage, help_text in STAGES.items():
-        commands.add_parser(stage, help=help_text)
-    commands.add_parser("sync-dvc", help="write ingest's deps in dvc.yaml from the sources in params.yaml")
+    for stage in STAGES:
+        commands.add_parser(stage.name, help=stage.help)
+    sync = commands.add_parser("sync-dvc", help="write every field into params.yaml, and dvc.yaml's deps (the code "
+                               "each stage imports, ingest's sources) and params from the code and params.yaml")
+    sync.add_argument("--check", action="store_true", help="change nothing; exit 1 when either file is stale")
     return parser
 
 
@@ -92,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "sync-dvc":
-            sync_dvc_yaml(Path(args.root) / "dvc.yaml", load_params(args.params))
-            return 0
+            return sync_or_check(Path(args.root), args.check)
         launch_distributed(args.command, args.params, argv)
         run_stage(args.command, args.params, args.root)
     except (ParamsError, InputError) as exc:

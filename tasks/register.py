@@ -40,7 +40,6 @@ from bertflow.registry import (
 )
 
 log = logging.getLogger(__name__)
-WHOLE_PARAMS = True  # run() takes every section: the pipeline run logs all of them
 SERVING_CODE = Path(serving.__file__)  # the pyfunc logged with each version: it needs no bertflow
 
 

@@ -17,15 +17,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bertflow import tracking
+from bertflow import stages, tracking
 from bertflow.io import read_column, write_text
 from bertflow.pages import cards, esc, image, line_chart, number, page, table
 from bertflow.params import Params
 from bertflow.paths import Paths
 
 log = logging.getLogger(__name__)
-WHOLE_PARAMS = True  # the page shows the model's shape and the registry settings
-REPORTED = tracking.PIPELINE[:tracking.PIPELINE.index("report")]  # every stage before this one, in order
+REPORTED = stages.before("report")  # every stage before this one, in order
 SECTIONS = {"summary": "At a glance", "data": "Data", "tokenizer": "Tokenizer and pretraining data",
             "pretraining": "Pretraining", "finetuning": "Fine-tuning", "evaluation": "Evaluation",
             "language-models": "Language models", "attention": "Attention", "variants": "Variants",

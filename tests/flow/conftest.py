@@ -57,7 +57,7 @@ def project(tmp_path):
     root = tmp_path / "project"
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root)
-    for package in ("tasks", "flows"):
+    for package in ("bertflow", "tasks", "flows"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     (root / "corpus").mkdir()
     write_docs(root / "corpus", "a.txt", 0, 30)
