@@ -54,7 +54,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from bertflow import stages, tracking  # noqa: E402
+from bertflow import outcome, stages, tracking  # noqa: E402
 from bertflow.paths import Paths  # noqa: E402
 from bertflow.tracking import prefect_flow_run_id  # noqa: E402
 
@@ -77,24 +77,26 @@ class StageFailed(RuntimeError):
 
 
 class BadInput(StageFailed):
-    """The stage refused its input or params (exit 2, ``bertflow <stage>: error: ...``): retrying cannot help."""
+    """The stage's outcome record says bad input or params (exit 2): retrying cannot help."""
 
 
 # ---------------------------------------------------------------- helpers (no Prefect state)
 
 
-def command_env() -> dict[str, str]:
-    """The environment of the stage commands: this interpreter's scripts first on PATH."""
+def command_env(outcomes: Path | None = None) -> dict[str, str]:
+    """The environment of the stage commands: this interpreter's scripts first on PATH, where to leave outcomes."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if outcomes is not None:
+        env[outcome.ENV] = str(outcomes)
     flow_run = prefect_flow_run_id()
     if flow_run:
         env["PREFECT__FLOW_RUN_ID"] = flow_run  # register tags the MLflow run with it
     return env
 
 
-def stream(args: list[str], root: Path, logger) -> tuple[int, list[str]]:
+def stream(args: list[str], root: Path, logger, outcomes: Path | None = None) -> tuple[int, list[str]]:
     """Run a command in ``root``, every output line into the task log; returns (exit code, lines)."""
-    process = subprocess.Popen(args, cwd=root, env=command_env(), stdout=subprocess.PIPE,
+    process = subprocess.Popen(args, cwd=root, env=command_env(outcomes), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines = []
     for line in process.stdout:
@@ -105,12 +107,11 @@ def stream(args: list[str], root: Path, logger) -> tuple[int, list[str]]:
     return process.wait(), lines
 
 
-def error_line(lines: list[str]) -> str:
-    """The stage's own message (``bertflow <stage>: error: ...``), else DVC's last ERROR line."""
-    for prefix in ("bertflow ", "ERROR"):
-        for line in reversed(lines):
-            if line.startswith(prefix) and "error" in line.lower():
-                return line
+def dvc_error(lines: list[str]) -> str:
+    """DVC's own last ERROR line (a stage that never started leaves no outcome record), else the last line."""
+    for line in reversed(lines):
+        if line.startswith("ERROR"):
+            return line
     return lines[-1] if lines else "no output"
 
 
@@ -241,24 +242,50 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=retry_unless_bad_input)
 def run_stage(stage: str, root: str) -> dict:
-    """One stage through DVC: skipped when its deps, params and outs are unchanged."""
+    """One stage through DVC: skipped when its deps, params and outs are unchanged.
+
+    Whether it ran is read from dvc.lock (its entry changes exactly when DVC ran or restored it), and
+    how it failed from the outcome record ``bertflow <stage>`` leaves (bertflow/outcome.py), not from
+    the wording of either tool's output.
+    """
     logger = get_run_logger()
-    started = time.perf_counter()
-    code, lines = stream(["dvc", "repro", "--single-item", stage], Path(root), logger)
+    project, started = Path(root), time.perf_counter()
+    folder = outcomes_folder(project)
+    before = lock_entry(project, stage)
+    try:
+        code, lines = stream(["dvc", "repro", "--single-item", stage], project, logger, folder)
+        record = outcome.read_outcome(folder, stage)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     if code != 0:
-        message = error_line(lines)
-        failure = BadInput if message.startswith(f"bertflow {stage}: error:") else StageFailed
-        raise failure(f"stage {stage} failed: {message}")
-    ran = any(f"Running stage '{stage}'" in line for line in lines)
+        raise stage_failure(stage, record, lines)
+    ran = lock_entry(project, stage) != before
     logger.info("stage %s %s", stage, "ran" if ran else "skipped (nothing changed)")
     return {"stage": stage, "ran": ran, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def outcomes_folder(root: Path) -> Path:
+    """A fresh folder for this task's outcome records (under .dvc/tmp, which git and DVC ignore)."""
+    import tempfile
+
+    base = root / ".dvc" / "tmp" / "bertflow-outcomes"
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=base))
+
+
+def stage_failure(stage: str, record: dict | None, lines: list[str]) -> StageFailed:
+    """The failure the stage's outcome record describes (its whole message); DVC's error when it never ran."""
+    if record is None:
+        return StageFailed(f"stage {stage} failed before it could report: {dvc_error(lines)}")
+    failure = BadInput if record["status"] == outcome.BAD_INPUT else StageFailed
+    return failure(f"stage {stage} failed ({record['status']}, exit {record['exit_code']}): {record['message']}")
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def sync_dvc(root: str) -> None:
     code, lines = stream(["bertflow", "sync-dvc"], Path(root), get_run_logger())
     if code != 0:
-        raise StageFailed(f"bertflow sync-dvc failed: {error_line(lines)}")
+        raise StageFailed(f"bertflow sync-dvc failed: {lines[-1] if lines else 'no output'}")
 
 
 @task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[10, 30, 60])
@@ -272,7 +299,7 @@ def push_outputs(root: str) -> str:
         return "none configured"
     code, lines = stream(["dvc", "push"], Path(root), logger)
     if code != 0:
-        raise StageFailed(f"dvc push to remote {remote!r} failed: {error_line(lines)}")
+        raise StageFailed(f"dvc push to remote {remote!r} failed: {dvc_error(lines)}")
     return remote
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from bertflow import distributed
 from bertflow.dvc_sync import check_stage, stale_entries, sync_dvc_yaml
 from bertflow.io import InputError, write_json
+from bertflow.outcome import BAD_INPUT, FAILED, SUCCEEDED, write_outcome
 from bertflow.params import ParamsError, load_params
 from bertflow.paths import Paths
 from bertflow.stages import BY_NAME, STAGES
@@ -96,14 +97,29 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        if args.command == "sync-dvc":
+    if args.command == "sync-dvc":
+        try:
             return sync_or_check(Path(args.root), args.check)
-        launch_distributed(args.command, args.params, argv)
-        run_stage(args.command, args.params, args.root)
+        except (ParamsError, InputError) as exc:
+            print(f"bertflow sync-dvc: error: {exc}", file=sys.stderr)
+            return 2
+    return run_command(args.command, args.params, args.root, argv)
+
+
+def run_command(stage: str, params_file: str, root: str, argv: list[str]) -> int:
+    """``bertflow <stage>``: run it (under torchrun when params ask), leave its outcome record, return the exit code."""
+    try:
+        launch_distributed(stage, params_file, argv)
+        run_stage(stage, params_file, root)
     except (ParamsError, InputError) as exc:
-        print(f"bertflow {args.command}: error: {exc}", file=sys.stderr)
+        print(f"bertflow {stage}: error: {exc}", file=sys.stderr)
+        write_outcome(stage, BAD_INPUT, 2, exc)
         return 2
+    except BaseException as exc:  # recorded, then raised as ever: the traceback and exit code stay Python's
+        write_outcome(stage, FAILED, 1, exc if str(exc) else RuntimeError(repr(exc)))
+        raise
+    if distributed.is_main_process():
+        write_outcome(stage, SUCCEEDED, 0)
     return 0
 
 
