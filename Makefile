@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run serve test lint bench bench-data
+.PHONY: setup run serve test test-fast lint bench bench-data
 
 setup: $(STAMP)
 
@@ -26,11 +26,16 @@ run: $(STAMP)
 serve: $(STAMP)
 	bertflow-flow serve
 
+# Everything (what CI runs). The flow tests share one tiny project built once per run (tests/flow/conftest.py).
 test: $(STAMP)
 	pytest
 
+# The edit loop: pure functions, params, the house rules and the data contracts of the data stages.
+test-fast: $(STAMP)
+	pytest tests/unit tests/data
+
 lint: $(STAMP)
-	ruff check tasks flows tests benchmarks
+	ruff check bertflow tasks flows tests benchmarks
 
 # All performance benchmarks (data stages, pretraining, classifier, variants, DDP) and the README's table; ~20 min.
 bench: $(STAMP)

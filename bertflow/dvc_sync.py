@@ -221,10 +221,10 @@ def write_resolved_params(params_yaml: Path) -> list[str]:
     return added
 
 
-def sync_dvc_yaml(dvc_yaml: Path, params_yaml: Path | None = None) -> bool:
+def sync_dvc_yaml(dvc_yaml: Path, params_yaml: Path | None = None) -> list[Path]:
     """``bertflow sync-dvc``: params.yaml resolved, then dvc.yaml's deps, params and persistence.
 
-    Returns True when either file changed.
+    Returns the files it changed.
     """
     params_yaml = params_yaml or dvc_yaml.with_name("params.yaml")
     added = write_resolved_params(params_yaml)
@@ -236,7 +236,7 @@ def sync_dvc_yaml(dvc_yaml: Path, params_yaml: Path | None = None) -> bool:
         _move_trailing_comment(node, old_keys)
     if changed:
         _write_atomically(dvc_yaml, yaml, document)
-    return changed or bool(added)
+    return [path for path, edited in ((params_yaml, added), (dvc_yaml, changed)) if edited]
 
 
 def stale_entries(dvc_yaml: Path, params: Params, stage: str) -> list[str]:

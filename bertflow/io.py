@@ -27,6 +27,7 @@ def atomic_dirs(targets: Sequence[Path]) -> Iterator[list[Path]]:
     try:
         for target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(target)
             folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
             folder.chmod(0o755)  # mkdtemp makes 0700; outputs are ordinary shared folders
             staged.append(folder)
@@ -37,6 +38,20 @@ def atomic_dirs(targets: Sequence[Path]) -> Iterator[list[Path]]:
         raise
     for folder, target in zip(staged, targets, strict=True):
         _replace_dir(folder, target)
+
+
+def remove_leftovers(target: Path) -> None:
+    """Remove what a killed writer of ``target`` left beside it (its temporary and replaced copies).
+
+    A process killed with SIGKILL runs no clean-up; its ``.name.tmp-*`` / ``.name.old-*`` siblings are
+    never outputs, and one writer per target runs at a time (the pipeline lock), so they are stale.
+    """
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for stale in target.parent.glob(pattern):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -53,6 +68,7 @@ def _replace_dir(new: Path, target: Path) -> None:
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) through a temporary file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

@@ -4,7 +4,7 @@ When ``$BERTFLOW_OUTCOME_DIR`` is set, the command writes ``<dir>/<stage>.json``
 ``{"stage", "status", "exit_code", "message", "error_type"}`` with status ``succeeded``, ``bad_input``
 (bad params or input: exit 2, retrying cannot help) or ``failed`` (anything else, possibly transient).
 The message is the whole text of the error, every line of it. Without the variable nothing is written.
-Under torchrun the ranks write (rank 0 on success, any rank that fails), never the launcher.
+Under torchrun rank 0 writes it (every rank meets the same input), never the launcher.
 """
 
 from __future__ import annotations

@@ -175,6 +175,7 @@ class BigramParams(Section):
 
 
 class LstmParams(BudgetFields):
+    enabled: bool = Field(True, description="train the LSTM baseline; false: only the counting models")
     embedding_size: int = Field(128, ge=1)
     hidden_size: int = Field(256, ge=1)
     num_layers: int = Field(1, ge=1)

@@ -54,7 +54,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from bertflow import outcome, stages, tracking  # noqa: E402
+from bertflow import lifeline, outcome, stages, tracking  # noqa: E402
 from bertflow.paths import Paths  # noqa: E402
 from bertflow.tracking import prefect_flow_run_id  # noqa: E402
 
@@ -88,6 +88,7 @@ def command_env(outcomes: Path | None = None) -> dict[str, str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     if outcomes is not None:
         env[outcome.ENV] = str(outcomes)
+        env[lifeline.ENV] = lifeline.identity()  # the stage dies with this process, even by SIGKILL
     flow_run = prefect_flow_run_id()
     if flow_run:
         env["PREFECT__FLOW_RUN_ID"] = flow_run  # register tags the MLflow run with it
@@ -96,8 +97,9 @@ def command_env(outcomes: Path | None = None) -> dict[str, str]:
 
 def stream(args: list[str], root: Path, logger, outcomes: Path | None = None) -> tuple[int, list[str]]:
     """Run a command in ``root``, every output line into the task log; returns (exit code, lines)."""
+    # a stage runs in a process group of its own, which dies with this process (bertflow/lifeline.py)
     process = subprocess.Popen(args, cwd=root, env=command_env(outcomes), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+                               stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=outcomes is not None)
     lines = []
     for line in process.stdout:
         line = line.rstrip()

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from bertflow import distributed
+from bertflow import distributed, lifeline
 from bertflow.dvc_sync import check_stage, stale_entries, sync_dvc_yaml
 from bertflow.io import InputError, write_json
 from bertflow.outcome import BAD_INPUT, FAILED, SUCCEEDED, write_outcome
@@ -70,7 +70,8 @@ def sync_or_check(root: Path, check: bool) -> int:
     dvc_yaml, params_yaml = root / "dvc.yaml", root / "params.yaml"
     if not check:
         changed = sync_dvc_yaml(dvc_yaml, params_yaml)
-        print(f"bertflow sync-dvc: {'updated' if changed else 'already in step'}: {dvc_yaml}, {params_yaml}")
+        print(f"bertflow sync-dvc: updated {', '.join(map(str, changed))}" if changed else
+              f"bertflow sync-dvc: {dvc_yaml} and {params_yaml} already in step with the code")
         return 0
     params = load_params(params_yaml)
     problems = [f"{name}: {problem}" for name in BY_NAME for problem in stale_entries(dvc_yaml, params, name)]
@@ -108,19 +109,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(stage: str, params_file: str, root: str, argv: list[str]) -> int:
     """``bertflow <stage>``: run it (under torchrun when params ask), leave its outcome record, return the exit code."""
+    lifeline.follow_flow()
     try:
         launch_distributed(stage, params_file, argv)
         run_stage(stage, params_file, root)
     except (ParamsError, InputError) as exc:
         print(f"bertflow {stage}: error: {exc}", file=sys.stderr)
-        write_outcome(stage, BAD_INPUT, 2, exc)
+        record(stage, BAD_INPUT, 2, exc)
         return 2
     except BaseException as exc:  # recorded, then raised as ever: the traceback and exit code stay Python's
-        write_outcome(stage, FAILED, 1, exc if str(exc) else RuntimeError(repr(exc)))
+        record(stage, FAILED, 1, exc if str(exc) else RuntimeError(repr(exc)))
         raise
-    if distributed.is_main_process():
-        write_outcome(stage, SUCCEEDED, 0)
+    record(stage, SUCCEEDED, 0)
     return 0
+
+
+def record(stage: str, status: str, exit_code: int, error: BaseException | None = None) -> None:
+    """The outcome record, from rank 0 only (every rank computes the same, and one writer per file)."""
+    if distributed.is_main_process():
+        write_outcome(stage, status, exit_code, error)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage lm_baselines: left-to-right language models over the same word pieces BERT sees.
 
 Reads: ``data/corpus/{train,heldout}.parquet`` (sentences) and ``artifacts/tokenizer``.
-Writes: ``reports/lm_baselines/lstm.csv`` (the LSTM's training loss by step, a DVC plot) and
+Writes: ``reports/lm_baselines/lstm.csv`` (the LSTM's training loss by step, a DVC plot; not when
+``lstm.enabled`` is false) and
 ``reports/lm_baselines.json``: held-out perplexity of an add-one unigram model, an interpolated
 Kneser-Ney bigram model and an LSTM LM trained within ``lstm.budget_minutes`` (or ``max_steps``),
 each over every piece and sentence end of the held-out split, as the tokenizer splits it.
@@ -101,8 +102,10 @@ def run(params: LmBaselinesParams, paths: Paths) -> dict:
                     "heldout_perplexity": round(lm.unigram_perplexity(train, heldout, vocab_size), 3)},
         "bigram": bigram_figures(train, heldout, vocab_size, params.bigram.discount),
     }
-    figures["lstm"], losses = lstm_figures(train, heldout, vocab_size, params.lstm)
+    figures["lstm"], losses = (lstm_figures(train, heldout, vocab_size, params.lstm) if params.lstm.enabled
+                               else ({"enabled": False}, None))
     with atomic_dirs([paths.reports / "lm_baselines"]) as (folder,):
-        write_curve(folder / "lstm.csv", losses, params.lstm.log_every)
+        if losses is not None:
+            write_curve(folder / "lstm.csv", losses, params.lstm.log_every)
     figures["seconds"] = round(time.perf_counter() - started, 1)
     return figures

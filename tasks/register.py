@@ -46,15 +46,29 @@ SERVING_CODE = Path(serving.__file__)  # the pyfunc logged with each version: it
 # ---------------------------------------------------------------- the gate (pure)
 
 
+def registration_key(paths: Paths, settings: RegisterParams, fingerprint: str) -> str:
+    """sha256 of what one registration is made of: the classifier's files, the variants and their figures,
+    the test data, the gate's settings and the register report as it stands before the run. The same
+    inputs give the same key, so a registration cut short (killed after MLflow made the version, or
+    after it finished but before it wrote reports/register.json) is finished on the next run instead of
+    made again; a run after a finished one (whose report then names its version) registers anew."""
+    digest = hashlib.sha256()
+    files = [p for p in sorted(paths.classifier.rglob("*")) if p.is_file()]
+    for path in files + [paths.report("optimize"), paths.report("register")]:
+        if path.is_file():
+            digest.update(path.relative_to(paths.root).as_posix().encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    gate = settings.model_dump(include={"model_name", "experiment", "metric", "min_delta", "max_accuracy_drop"})
+    digest.update(json.dumps([fingerprint, gate], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def data_fingerprint(texts: list[str], labels: list[str]) -> str:
     """sha256 over the test rows' texts and label names: the same data wherever it lives."""
     digest = hashlib.sha256()
     for text, label in zip(texts, labels, strict=True):
         digest.update(json.dumps([text, label], ensure_ascii=False).encode())
     return digest.hexdigest()
-
-
-# ---------------------------------------------------------------- the model card (pure)
 
 
 # ---------------------------------------------------------------- talking to the registry (edge)
@@ -87,28 +101,53 @@ def requirements(runtime: str = "torch") -> list[str]:
             for package in ["mlflow", *engine, "tokenizers", "numpy", "pandas"]]
 
 
-def publish(client, settings: RegisterParams, params: Params, paths: Paths, figures: dict, uri: str) -> dict:
-    """Run, model, version, aliases, tags and card; returns what reports/register.json records."""
-    import mlflow
+KEY_TAG, DONE_TAG = "registration_key", "registration_complete"  # version tags that make registration idempotent
 
+
+def earlier_registration(client, name: str, key: str):
+    """The version an earlier run registered from the same inputs (complete or cut short), or None."""
+    found = client.search_model_versions(f"name='{name}' and tags.{KEY_TAG}='{key}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def publish(client, settings: RegisterParams, params: Params, paths: Paths, figures: dict, uri: str) -> dict:
+    """Run, model, version, aliases, tags and card; returns what reports/register.json records.
+
+    Idempotent: a version registered from the same inputs is not made again. A complete one gives back
+    what its run recorded; one cut short (the process killed after MLflow made it) is finished.
+    """
+    key = registration_key(paths, settings, figures["fingerprint"])
+    earlier = earlier_registration(client, settings.model_name, key)
+    if earlier is not None and earlier.tags.get(DONE_TAG):
+        log.info("%s v%s was registered from these very inputs: nothing new", settings.model_name, earlier.version)
+        return json.loads(earlier.tags[DONE_TAG])
     timings = {}
     started = time.perf_counter()
-    experiment = retrying(settings, "open the experiment", uri,
-                          lambda: experiment_id(client, settings.experiment, tracking.embedded_artifacts(uri, paths)))
-    lineage = tracking.lineage_tags(paths)
-    run_id = tracking.log_pipeline_run(client, experiment, params.model_dump(mode="json"), paths, lineage)
+    if earlier is None:
+        experiment = retrying(settings, "open the experiment", uri, lambda: experiment_id(
+            client, settings.experiment, tracking.embedded_artifacts(uri, paths)))
+        lineage = tracking.lineage_tags(paths)
+        run_id = tracking.log_pipeline_run(client, experiment, params.model_dump(mode="json"), paths, lineage)
+    else:
+        log.info("finishing %s v%s, whose registration was cut short", settings.model_name, earlier.version)
+        run_id, lineage = earlier.tags["mlflow_run_id"], tracking.lineage_tags(paths)
     timings["tracking_seconds"] = round(time.perf_counter() - started, 2)
     try:
         started = time.perf_counter()
-        model_uri = log_model(run_id, paths.classifier, figures["example"])
+        if earlier is None:
+            model_uri = log_model(run_id, paths.classifier, figures["example"])
+            champion = champion_standing(client, settings.model_name, settings.metric)
+        else:
+            model_uri, champion = earlier.source, standing_before(earlier)
         timings["model_seconds"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
-        champion = champion_standing(client, settings.model_name, settings.metric)
         new = Standing("new", figures["test"][settings.metric], figures["fingerprint"])
         decision, reason = promotion(new, champion, settings.metric, settings.min_delta)
-        version = mlflow.register_model(model_uri, settings.model_name, tags=version_tags(
-            figures, new, champion, settings.metric, decision, reason, lineage, run_id)).version
-        version = str(version)
+        if earlier is None:
+            tags = version_tags(figures, new, champion, settings.metric, decision, reason, lineage, run_id)
+            version = str(mlflow_register(model_uri, settings.model_name, {**tags, KEY_TAG: key}))
+        else:
+            version = str(earlier.version)
         reports = {stage: tracking.read_report(paths, stage) for stage in tracking.STAGE_ORDER}
         card = model_card(settings.model_name, version, params.model_dump(mode="json"), reports,
                           {**lineage, "mlflow_run_id": run_id}, decision, reason)
@@ -127,13 +166,30 @@ def publish(client, settings: RegisterParams, params: Params, paths: Paths, figu
         raise
     aliases = [CHALLENGER] + ([CHAMPION] if decision == CHAMPION else []) + (
         [FAST] if fast["version"] == version else [])
-    return {"model_name": settings.model_name, "version": version, "aliases": aliases, "decision": decision,
-            "variants": {v.name: v.version for v in variants if v.name != "fp32"}, "fast": fast,
-            "reason": reason, "metric": settings.metric, "value": new.value,
-            "champion_before": None if champion is None else {"version": champion.version, "value": champion.value},
-            "model_uri": f"models:/{settings.model_name}/{version}", "logged_model_uri": model_uri,
-            "run_id": run_id, "experiment": settings.experiment, "tracking_uri": redact(uri),
-            "test_data_fingerprint": figures["fingerprint"], "logging": timings}
+    result = {"model_name": settings.model_name, "version": version, "aliases": aliases, "decision": decision,
+              "variants": {v.name: v.version for v in variants if v.name != "fp32"}, "fast": fast,
+              "reason": reason, "metric": settings.metric, "value": new.value,
+              "champion_before": None if champion is None else {"version": champion.version, "value": champion.value},
+              "model_uri": f"models:/{settings.model_name}/{version}", "logged_model_uri": model_uri,
+              "run_id": run_id, "experiment": settings.experiment, "tracking_uri": redact(uri),
+              "test_data_fingerprint": figures["fingerprint"], "logging": timings}
+    client.set_model_version_tag(settings.model_name, version, DONE_TAG, json.dumps(result))  # the last write
+    return result
+
+
+def mlflow_register(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    import mlflow
+
+    return mlflow.register_model(model_uri, name, tags=tags).version
+
+
+def standing_before(version) -> Standing | None:
+    """The champion a version was gated against, as its tags recorded it."""
+    tags = version.tags
+    if not tags.get("gate.champion_version"):
+        return None
+    return Standing(tags["gate.champion_version"], float(tags["gate.champion_value"]),
+                    tags.get("test_data_fingerprint", ""))
 
 
 def register_variants(client, settings: RegisterParams, paths: Paths, figures: dict, version: str, run_id: str,
@@ -147,9 +203,14 @@ def register_variants(client, settings: RegisterParams, paths: Paths, figures: d
     measured = optimize.get("variants", {})
     reference = measured.get("fp32", {})
     variants = [Variant("fp32", version, figures["test"]["accuracy"], reference.get("throughput_b1", 0.0))]
+    done = {v.tags.get("variant"): str(v.version) for v in client.search_model_versions(
+        f"name='{settings.model_name}' and tags.variant_of='{version}'")}  # by a run cut short
     for name, measures in measured.items():
         folder = paths.optimized / name
         if name == "fp32" or not folder.is_dir():
+            continue
+        if name in done:
+            variants.append(Variant(name, done[name], measures["accuracy"], measures["throughput_b1"]))
             continue
         uri = log_model(run_id, folder, figures["example"], f"variant-{name}", measures["runtime"])
         tags = metric_tags(measures)

@@ -53,7 +53,11 @@ def set_param(project: Path, section: str, key: str, value) -> None:
 
 @pytest.fixture
 def project(tmp_path):
-    """dvc.yaml, tasks/ and flows/ copied, a tiny corpus and labeled set, a DVC remote beside it."""
+    """dvc.yaml, bertflow/, tasks/ and flows/ copied, a tiny corpus and labeled set, a DVC remote beside it."""
+    return new_project(tmp_path)
+
+
+def new_project(tmp_path: Path) -> Path:
     root = tmp_path / "project"
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root)
@@ -77,6 +81,47 @@ def project(tmp_path):
     sh("dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=root)
     sh("bertflow", "sync-dvc", cwd=root)
     return root
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> tuple[Path, list[str]]:
+    """(root, stages run) of one tiny project after `dvc repro report` from nothing: built once per test run.
+
+    Tests that need a whole chain behind them take a private copy (``built``), so the chain is not
+    rebuilt for each; the one flow test that must run every stage from nothing still builds its own.
+    """
+    root = new_project(tmp_path_factory.mktemp("built"))
+    return root, repro(root, "report")
+
+
+@pytest.fixture
+def built(built_project, tmp_path) -> Path:
+    """A private copy of the built project (its DVC remote and MLflow store re-pointed at the copy)."""
+    return copy_project(built_project[0], tmp_path)
+
+
+def copy_project(source: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    shutil.copytree(source, root, symlinks=True)
+    if (source.parent / "remote").is_dir():  # only once something was pushed
+        shutil.copytree(source.parent / "remote", tmp_path / "remote")
+    sh("dvc", "remote", "modify", "store", "url", str(tmp_path / "remote"), cwd=root)
+    rebase_sqlite(root / "mlruns" / "mlflow.db", str(source), str(root))
+    return root
+
+
+def rebase_sqlite(database: Path, old: str, new: str) -> None:
+    """Point every path an MLflow store holds (artifact roots, model sources) from ``old`` to ``new``."""
+    import sqlite3
+
+    with sqlite3.connect(database) as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            columns = [row[1] for row in connection.execute(f"PRAGMA table_info('{table}')")
+                       if row[2].upper().startswith(("VARCHAR", "TEXT"))]
+            for column in columns:
+                connection.execute(f'UPDATE "{table}" SET "{column}" = REPLACE("{column}", ?, ?) '
+                                   f'WHERE "{column}" LIKE ?', (old, new, f"%{old}%"))
 
 
 # The order `dvc repro report` runs the stages in (its own topological order; the flow's is flows.pipeline.STAGES).

@@ -37,8 +37,9 @@ def test_stale_dvc_deps_are_refused(project):
     assert repro(project) == ["ingest", "tokenizer", "pretrain_data"]
 
 
-def test_whole_chain_under_dvc(project):
-    assert repro(project, "report") == WHOLE_CHAIN_DVC
+def test_whole_chain_under_dvc(built_project, built):
+    project = built  # a copy of the session's project, after `dvc repro report` from nothing
+    assert built_project[1] == WHOLE_CHAIN_DVC
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
     assert repro(project, "report") == []
     set_param(project, "finetune", "learning_rate", 0.0005)
@@ -54,3 +55,36 @@ def test_whole_chain_under_dvc(project):
                           "test confusion matrix", "reports/evaluate/confusion.png", "distillation loss",
                           "LSTM language model"}
     assert "mlm_accuracy" in json.dumps(plots["held-out MLM and NSP"])
+
+    # register has side effects: a params value it had before calls MLflow again (a new version), never
+    # DVC's run-cache, which would only have put back the old reports/register.json
+    for delta in (0.5, 0.0):
+        set_param(project, "register", "min_delta", delta)
+        out = sh("dvc", "repro", "register", cwd=project).stdout
+        assert "Running stage 'register'" in out and "is cached" not in out, out
+    again = json.loads((project / "reports" / "register.json").read_text())
+    assert int(again["version"]) == int(registered["version"]) + 2
+    assert len(mlflow_client(project).search_model_versions("name='tiny' and tags.variant='fp32'")) == 4
+
+
+def test_every_switch_off_under_dvc(built):
+    """Every optional part off (the ablation, the baselines, the variants, the LSTM, report logging):
+    the chain still reproduces and records; the session's built project ran it with all of them on."""
+    project = built
+    for section, key, value in [("finetune", "random_init_ablation", False), ("evaluate", "majority_baseline", False),
+                                ("evaluate", "tfidf_baseline", False), ("optimize", "variants", []),
+                                ("report", "log_to_mlflow", False)]:
+        set_param(project, section, key, value)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["lm_baselines"]["lstm"]["enabled"] = False
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # attention reads only the classifier, which the ablation does not change: DVC rightly skips it
+    assert repro(project, "report") == ["lm_baselines", "finetune", "evaluate", "optimize", "register", "report"]
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout
+    reports = project / "reports"
+    assert [p.name for p in (reports / "finetune").iterdir()] == ["pretrained.csv"]
+    assert not (reports / "lm_baselines" / "lstm.csv").exists()
+    assert json.loads((reports / "evaluate.json").read_text())["baselines"] == {}
+    assert json.loads((reports / "optimize.json").read_text())["variants"].keys() == {"fp32"}
+    assert json.loads((reports / "report.json").read_text())["mlflow"]["logged"] is False
+    assert (reports / "report.html").is_file()

@@ -67,20 +67,24 @@ def summary(state, key: str = "bertflow-run-summary"):
     return artifact if key != "bertflow-run-summary" else artifact.data
 
 
-def test_flow_and_dvc_repro_keep_one_record(project, prefect_api, monkeypatch):
+def test_flow_and_dvc_repro_keep_one_record(built, prefect_api, monkeypatch):
+    project = built  # the session's chain, built by dvc repro: the flow skips it all
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert ran(flow_state(project)) == []
+    set_param(project, "pretrain", "seed", 7)  # pretraining and everything after it run under the flow
     first = flow_state(project)
     assert first.is_completed(), first.message
-    assert ran(first) == STAGES
+    assert ran(first) == STAGES[STAGES.index("pretrain"):]
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
     assert repro(project, "report") == []  # after a flow run, dvc repro does nothing
 
     from flows.pipeline import stage_table
 
     table = stage_table(first.result()).splitlines()  # what `bertflow-flow run` prints at the end
-    assert [line.split()[:2] for line in table[1:-1]] == [[stage, "ran"] for stage in STAGES]
+    assert [line.split()[:2] for line in table[1:-1]] == [
+        [stage, "ran" if stage in STAGES[STAGES.index("pretrain"):] else "skipped"] for stage in STAGES]
     text = summary(first)
-    assert "| finetune | ran |" in text and "baseline: tfidf_logreg" in text and "models:/tiny/1" in text
+    assert "| finetune | ran |" in text and "baseline: tfidf_logreg" in text and "models:/tiny/2" in text
     assert "dvc.lock md5" in text and "git:" in text
     report_link = summary(first, "bertflow-report")  # the run report, linked from the flow run
     assert report_link.type == "markdown" and (project / "reports" / "report.html").as_uri() in report_link.data
@@ -108,10 +112,11 @@ def test_flow_and_dvc_repro_keep_one_record(project, prefect_api, monkeypatch):
     assert "learning_rate: 0.0002" in (project / "params.yaml").read_text()
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
     versions = client.search_model_versions("name='tiny'")
-    assert sum(v.tags.get("variant") == "fp32" for v in versions) == 3  # the classifier, beside its variants
+    assert sum(v.tags.get("variant") == "fp32" for v in versions) == 4  # the classifier, beside its variants
 
 
-def test_failed_stage_fails_the_run_and_the_next_run_resumes_there(project, prefect_api, monkeypatch):
+def test_failed_stage_fails_the_run_and_the_next_run_resumes_there(built, prefect_api, monkeypatch):
+    project = built  # the whole chain already built by dvc repro: the flow's first run skips every stage
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert flow_state(project).is_completed()
 
@@ -250,7 +255,9 @@ def background(command: list[str], cwd, env: dict, log) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def test_served_deployment_runs_through_the_api(project, tmp_path):
+def test_served_deployment_runs_through_the_api(built, tmp_path):
+    project = built
+    set_param(project, "finetune", "learning_rate", 0.0005)  # the served run has stages to run
     with prefect_server(tmp_path) as env:
         served = background([str(BIN / "bertflow-flow"), "serve", "--root", str(project)], project, env,
                             tmp_path / "serve.log")
@@ -265,7 +272,9 @@ def test_served_deployment_runs_through_the_api(project, tmp_path):
 
             first = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly"))
             assert first["state"] == "COMPLETED", run_logs(env, first["id"])[-3000:]
-            assert json.loads((project / "reports" / "register.json").read_text())["version"] == "1"
+            wait_for(lambda: all(f"stage {stage} ran" in run_logs(env, first["id"]) for stage in AFTER_FINETUNE_DVC),
+                     60, "a 'ran' line for finetune and every stage after it in the first run's logs")
+            assert json.loads((project / "reports" / "register.json").read_text())["version"] == "2"
             lock = (project / "dvc.lock").read_text()
 
             second = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly"))
@@ -277,7 +286,7 @@ def test_served_deployment_runs_through_the_api(project, tmp_path):
                 lines = [line for line in run_logs(env, second["id"]).splitlines() if line.startswith("stage ")]
                 raise AssertionError(f"the second run's stage lines: {lines}") from None
             versions = mlflow_client(project).search_model_versions("name='tiny'")
-            assert [v.tags.get("variant") for v in versions].count("fp32") == 1  # nothing new registered
+            assert [v.tags.get("variant") for v in versions].count("fp32") == 2  # nothing new registered
             assert (project / "dvc.lock").read_text() == lock
         finally:
             stop(served)
@@ -293,7 +302,9 @@ print(json.dumps(sorted([r.parameters["stage"], r.state.type.value] for r in run
 """
 
 
-def test_training_stages_run_on_a_work_pool(project, tmp_path):
+def test_training_stages_run_on_a_work_pool(built, tmp_path):
+    project = built
+    set_param(project, "pretrain", "seed", 7)  # pretrain and finetune run again, on the pool
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["distributed"] = {"work_pool": "training", "deployment": "tiny-training"}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -313,5 +324,5 @@ def test_training_stages_run_on_a_work_pool(project, tmp_path):
     assert pooled == [["finetune", "COMPLETED"], ["pretrain", "COMPLETED"]]
     assert "pretrain@training" in run.stdout + run.stderr
     assert (project / "artifacts" / "classifier" / "config.json").is_file()
-    assert json.loads((project / "reports" / "register.json").read_text())["version"] == "1"
+    assert json.loads((project / "reports" / "register.json").read_text())["version"] == "2"
     assert "up to date" in sh("dvc", "status", cwd=project).stdout  # one record, wherever the stage ran

@@ -21,7 +21,7 @@ from tests.conftest import REPO, copy_outputs
 BIN = Path(sys.executable).parent
 CONSUMER = """
 import sys
-for blocked in ["tasks", *sys.argv[4:]]:  # a consumer has mlflow and a runtime, never bertflow
+for blocked in ["bertflow", "tasks", *sys.argv[4:]]:  # a consumer has mlflow and a runtime, never bertflow
     sys.modules[blocked] = None
 import json, mlflow
 mlflow.set_tracking_uri(sys.argv[1])
@@ -109,7 +109,8 @@ def test_register_tracks_gates_and_serves(trained_copy):
     root = trained_copy
     first = register(root)
     assert first.returncode == 0, first.stderr[-3000:]
-    report = json.loads((root / "reports" / "register.json").read_text())
+    first_report = (root / "reports" / "register.json").read_text()
+    report = json.loads(first_report)
     # no optimize report here: the classifier itself is the only form, so `fast` is the champion too
     assert (report["version"], report["decision"], report["aliases"]) == ("1", CHAMPION, [CHALLENGER, CHAMPION, FAST])
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
@@ -152,6 +153,17 @@ def test_register_tracks_gates_and_serves(trained_copy):
     assert str(client.get_model_version_by_alias("bertflow-tiny", CHALLENGER).version) == "2"
     assert str(client.get_model_version_by_alias("bertflow-tiny", FAST).version) == "1"
     assert "does not beat champion v1" in client.get_model_version("bertflow-tiny", "2").tags["gate.reason"]
+
+    # a register killed after it finished with MLflow but before it wrote reports/register.json: the
+    # next run finds the version these inputs made and says so, registering nothing new
+    done = (root / "reports" / "register.json").read_text()
+    (root / "reports" / "register.json").write_text(first_report)  # as the killed run left it
+    again = register(root)
+    assert again.returncode == 0 and "was registered from these very inputs" in again.stderr
+    after = json.loads((root / "reports" / "register.json").read_text())
+    assert {k: v for k, v in after.items() if k != "logging"} == {k: v for k, v in json.loads(done).items()
+                                                                   if k != "logging"}
+    assert len(client.search_model_versions("name='bertflow-tiny' and tags.variant='fp32'")) == 2
 
     # other test data on the champion: not compared, stays challenger, and says why
     client.set_model_version_tag("bertflow-tiny", "1", "test_data_fingerprint", "other-data")

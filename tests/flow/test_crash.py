@@ -1,0 +1,152 @@
+"""A crash anywhere loses nothing: the flow process killed with SIGKILL inside a data stage, inside
+pretraining and inside register; each time the lock is free, nothing is half-written, and the next run
+finishes what was left, to the same figures and registry state as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.flow.conftest import BIN, ENV, copy_project, mlflow_client, set_param, sh
+
+TIMING = re.compile(r"second|per_s|latency|speedup|throughput|_ms|tokens_per|mfu|flops|weights_mb|logging|resumed",
+                    re.I)
+
+
+@pytest.fixture(scope="module")
+def prefect_url():
+    """A real Prefect API (the test harness's server) that flow processes started here report to."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+def changed_copy(built_project, folder: Path) -> Path:
+    """A copy of the built project with settings that re-run pretrain_data onward, pretraining long
+    enough to be caught mid-way and checkpointing every few steps."""
+    project = copy_project(built_project[0], folder)
+    set_param(project, "pretrain_data", "dupe_factor", 2)
+    set_param(project, "pretrain", "max_steps", 40)
+    set_param(project, "pretrain", "checkpoint_every_steps", 4)
+    return project
+
+
+def start_flow(project: Path, url: str) -> subprocess.Popen:
+    env = {**ENV, "PREFECT_API_URL": url}
+    return subprocess.Popen([str(BIN / "bertflow-flow"), "run", "--root", str(project)], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stage_processes(stage: str) -> list[int]:
+    """Pids of running ``bertflow <stage>`` commands."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"/bertflow") for a in args) and stage.encode() in args:
+                found.append(int(entry.name))
+    return found
+
+
+def wait_until(predicate, flow: subprocess.Popen, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while not predicate():
+        assert flow.poll() is None, f"the flow ended (exit {flow.returncode}) before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def kill(flow: subprocess.Popen, stage: str) -> None:
+    os.kill(flow.pid, signal.SIGKILL)
+    flow.wait()
+    deadline = time.time() + 15
+    while stage_processes(stage):  # the stage's process group dies with the flow (bertflow/lifeline.py)
+        assert time.time() < deadline, f"bertflow {stage} kept running after the flow was killed"
+        time.sleep(0.1)
+
+
+def versions(project: Path) -> int:
+    with sqlite3.connect(project / "mlruns" / "mlflow.db") as connection:
+        return connection.execute("SELECT COUNT(*) FROM model_versions").fetchone()[0]
+
+
+def nothing_half_written(project: Path) -> None:
+    from flows.pipeline import pipeline_lock
+
+    with pipeline_lock(project, 0):  # the killed run's lock is free
+        pass
+    status = sh("dvc", "status", cwd=project).stdout
+    assert "ingest:" not in status and "tokenizer:" not in status  # finished stages stay finished
+    data = project / "data" / "pretrain"
+    if data.exists():  # an output is there whole, or not at all
+        assert (data / "info.json").is_file()
+    assert not (project / "artifacts" / "classifier").exists() or (project / "artifacts" / "classifier" /
+                                                                   "config.json").is_file()
+
+
+def figures(project: Path) -> dict:
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not TIMING.search(k)}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+    names = ["pretrain_data", "pretrain", "finetune", "evaluate", "attention"]
+    return {name: strip(json.loads((project / "reports" / f"{name}.json").read_text())) for name in names}
+
+
+def registry_state(project: Path) -> dict:
+    client = mlflow_client(project)
+    found = client.search_model_versions("name='tiny'")
+    aliases = client.get_registered_model("tiny").aliases
+    return {"fp32": sum(v.tags.get("variant") == "fp32" for v in found), "versions": len(found),
+            "aliases": sorted(aliases), "decisions": sorted(v.tags.get("gate.decision", "") for v in found
+                                                             if v.tags.get("variant") == "fp32")}
+
+
+def test_a_killed_flow_loses_nothing(built_project, prefect_url, tmp_path):
+    reference = changed_copy(built_project, tmp_path / "reference")
+    done = start_flow(reference, prefect_url)
+    assert done.wait(timeout=900) == 0
+
+    project = changed_copy(built_project, tmp_path / "crashed")
+    before = versions(project)
+
+    flow = start_flow(project, prefect_url)  # 1: inside a data stage
+    wait_until(lambda: stage_processes("pretrain_data"), flow, 300, "pretrain_data to start")
+    time.sleep(0.5)
+    kill(flow, "pretrain_data")
+    nothing_half_written(project)
+
+    flow = start_flow(project, prefect_url)  # 2: inside pretraining, after a checkpoint
+    checkpoints = project / "artifacts" / "pretrain_checkpoints"
+    wait_until(lambda: stage_processes("pretrain") and list(checkpoints.glob("*/step-*")) + list(
+        checkpoints.glob("step-*")), flow, 300, "pretraining's first checkpoint")
+    kill(flow, "pretrain")
+    nothing_half_written(project)
+    assert not (project / "artifacts" / "pretrained").exists()
+
+    flow = start_flow(project, prefect_url)  # 3: inside register, once MLflow made the version
+    wait_until(lambda: versions(project) > before, flow, 600, "register to create the model version")
+    kill(flow, "register")
+    nothing_half_written(project)
+
+    flow = start_flow(project, prefect_url)  # the next run finishes it all
+    assert flow.wait(timeout=900) == 0
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout
+    assert json.loads((project / "reports" / "pretrain.json").read_text())["resumed_from_step"] > 0
+    assert figures(project) == figures(reference)
+    assert registry_state(project) == registry_state(reference)
+    assert registry_state(project)["fp32"] == 2  # the built project's v1 and one more: not two more
+    assert not list(project.rglob("*.tmp-*"))
