@@ -45,6 +45,12 @@ def mlflow_client(project: Path):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def classifier_versions(project: Path, name: str = "tiny") -> list[int]:
+    """The registered classifier's versions (variant fp32), oldest first; each variant is a version too."""
+    return sorted(int(v.version) for v in mlflow_client(project).search_model_versions(
+        f"name='{name}' and tags.variant='fp32'"))
+
+
 def set_param(project: Path, section: str, key: str, value) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params[section][key] = value

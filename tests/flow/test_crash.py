@@ -42,9 +42,13 @@ def changed_copy(built_project, folder: Path) -> Path:
 
 
 def start_flow(project: Path, url: str) -> subprocess.Popen:
+    """``bertflow-flow run`` in a process of its own; its output goes to flow-<n>.log beside the project."""
     env = {**ENV, "PREFECT_API_URL": url}
-    return subprocess.Popen([str(BIN / "bertflow-flow"), "run", "--root", str(project)], cwd=project, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = project.parent / f"flow-{len(list(project.parent.glob('flow-*.log')))}.log"
+    process = subprocess.Popen([str(BIN / "bertflow-flow"), "run", "--root", str(project)], cwd=project, env=env,
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    process.log = log
+    return process
 
 
 def stage_processes(stage: str) -> list[int]:
@@ -64,7 +68,8 @@ def stage_processes(stage: str) -> list[int]:
 def wait_until(predicate, flow: subprocess.Popen, seconds: float, what: str) -> None:
     deadline = time.time() + seconds
     while not predicate():
-        assert flow.poll() is None, f"the flow ended (exit {flow.returncode}) before {what}"
+        assert flow.poll() is None, f"the flow ended (exit {flow.returncode}) before {what}: " + \
+            flow.log.read_text()[-3000:]
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 
@@ -118,7 +123,7 @@ def registry_state(project: Path) -> dict:
 def test_a_killed_flow_loses_nothing(built_project, prefect_url, tmp_path):
     reference = changed_copy(built_project, tmp_path / "reference")
     done = start_flow(reference, prefect_url)
-    assert done.wait(timeout=900) == 0
+    assert done.wait(timeout=900) == 0, done.log.read_text()[-3000:]
 
     project = changed_copy(built_project, tmp_path / "crashed")
     before = versions(project)
@@ -129,12 +134,14 @@ def test_a_killed_flow_loses_nothing(built_project, prefect_url, tmp_path):
     kill(flow, "pretrain_data")
     nothing_half_written(project)
 
-    flow = start_flow(project, prefect_url)  # 2: inside pretraining, after a checkpoint
     checkpoints = project / "artifacts" / "pretrain_checkpoints"
-    wait_until(lambda: stage_processes("pretrain") and list(checkpoints.glob("*/step-*")) + list(
-        checkpoints.glob("step-*")), flow, 300, "pretraining's first checkpoint")
+    earlier = {p.name for p in checkpoints.glob("step-*")}  # the built project's own, from its shorter run
+    flow = start_flow(project, prefect_url)  # 2: inside pretraining, after a checkpoint of this run
+    wait_until(lambda: stage_processes("pretrain") and {p.name for p in checkpoints.glob("step-*")} - earlier,
+               flow, 300, "pretraining's first checkpoint")
     kill(flow, "pretrain")
     nothing_half_written(project)
+    assert list(checkpoints.glob("step-*")), "pretraining left no checkpoint to resume from"
     assert not (project / "artifacts" / "pretrained").exists()
 
     flow = start_flow(project, prefect_url)  # 3: inside register, once MLflow made the version
@@ -143,7 +150,7 @@ def test_a_killed_flow_loses_nothing(built_project, prefect_url, tmp_path):
     nothing_half_written(project)
 
     flow = start_flow(project, prefect_url)  # the next run finishes it all
-    assert flow.wait(timeout=900) == 0
+    assert flow.wait(timeout=900) == 0, flow.log.read_text()[-3000:]
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
     assert json.loads((project / "reports" / "pretrain.json").read_text())["resumed_from_step"] > 0
     assert figures(project) == figures(reference)
