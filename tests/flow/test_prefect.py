@@ -283,8 +283,6 @@ def test_served_deployment_runs_through_the_api(built, tmp_path):
 
             first = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly"))
             assert first["state"] == "COMPLETED", run_logs(env, first["id"])[-3000:]
-            wait_for(lambda: all(f"stage {stage} ran" in run_logs(env, first["id"]) for stage in AFTER_FINETUNE_DVC),
-                     60, "a 'ran' line for finetune and every stage after it in the first run's logs")
             version = json.loads((project / "reports" / "register.json").read_text())["version"]
             assert classifier_versions(project) == [1, int(version)]  # the built project's, and this run's
             lock = (project / "dvc.lock").read_text()
