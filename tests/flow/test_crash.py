@@ -74,12 +74,23 @@ def wait_until(predicate, flow: subprocess.Popen, seconds: float, what: str) -> 
         time.sleep(0.05)
 
 
+def lock_holders(project: Path) -> list[int]:
+    """Pids DVC's rwlock names that still exist (DVC itself calls such a path busy)."""
+    import psutil
+
+    path = project / ".dvc" / "tmp" / "rwlock"
+    text = path.read_text() if path.is_file() else ""
+    return [int(pid) for pid in re.findall(r'"pid":\s*(\d+)', text) if psutil.pid_exists(int(pid))]
+
+
 def kill(flow: subprocess.Popen, stage: str) -> None:
     os.kill(flow.pid, signal.SIGKILL)
     flow.wait()
+    project = Path(flow.args[3])
     deadline = time.time() + 15
-    while stage_processes(stage):  # the stage's process group dies with the flow (bertflow/lifeline.py)
-        assert time.time() < deadline, f"bertflow {stage} kept running after the flow was killed"
+    # the stage's process group (dvc, the stage) dies with the flow (bertflow/lifeline.py)
+    while stage_processes(stage) or lock_holders(project):
+        assert time.time() < deadline, f"bertflow {stage} or its dvc kept running after the flow was killed"
         time.sleep(0.1)
 
 
