@@ -138,8 +138,6 @@ def _move_trailing_comment(node, old_keys: list) -> None:
     if token is None or "\n" not in token.value:
         return
     own, rest = token.value.split("\n", 1)
-    if not rest.strip("\n ") and "\n" not in rest and not rest:
-        return
     if not rest:
         return
     from ruamel.yaml.tokens import CommentToken
@@ -256,7 +254,7 @@ def check_stage(dvc_yaml: Path, params_yaml: Path, params: Params, stage: str) -
     if problems:
         raise InputError(f"{dvc_yaml}: stage {stage} does not depend on {', '.join(problems)}, so `dvc repro` "
                          "would miss changes to them; run `bertflow sync-dvc`")
-    unwritten = missing_fields(params_yaml)
+    unwritten = missing_fields(params_yaml, params)
     if unwritten:
         raise InputError(f"{params_yaml}: {', '.join(unwritten)} left to defaults in code, where DVC cannot see "
                          "them; run `bertflow sync-dvc` to write every field out")

@@ -485,9 +485,10 @@ def fill_defaults(raw: dict, validated: BaseModel, prefix: str = "") -> list[str
     return added
 
 
-def missing_fields(path: str | Path) -> list[str]:
-    """The dotted keys a valid params file leaves to their defaults (none once ``sync-dvc`` has run)."""
+def missing_fields(path: str | Path, validated: Params | None = None) -> list[str]:
+    """The dotted keys a valid params file leaves to their defaults (none once ``sync-dvc`` has run);
+    ``validated``: the file's ``load_params``, when the caller has it already (no second validation)."""
     import copy
 
     raw = _read_yaml(Path(path))
-    return fill_defaults(copy.deepcopy(raw), load_params(path))
+    return fill_defaults(copy.deepcopy(raw), validated or load_params(path))

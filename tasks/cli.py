@@ -75,7 +75,7 @@ def sync_or_check(root: Path, check: bool) -> int:
         return 0
     params = load_params(params_yaml)
     problems = [f"{name}: {problem}" for name in BY_NAME for problem in stale_entries(dvc_yaml, params, name)]
-    problems += [f"params.yaml leaves {key} to its default" for key in missing_fields(params_yaml)]
+    problems += [f"params.yaml leaves {key} to its default" for key in missing_fields(params_yaml, params)]
     for problem in problems:
         print(f"bertflow sync-dvc: stale: {problem}", file=sys.stderr)
     return 1 if problems else 0
