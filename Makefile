@@ -28,11 +28,11 @@ serve: $(STAMP)
 
 # Everything (what CI runs). The flow tests share one tiny project built once per run (tests/flow/conftest.py).
 test: $(STAMP)
-	pytest
+	pytest -n 2 --dist loadgroup
 
 # The edit loop: pure functions, params, the house rules and the data contracts of the data stages.
 test-fast: $(STAMP)
-	pytest tests/unit tests/data
+	pytest -n 2 --dist loadgroup tests/unit tests/data
 
 lint: $(STAMP)
 	ruff check bertflow tasks flows tests benchmarks

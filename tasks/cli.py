@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from bertflow import distributed, lifeline
+from bertflow import launch, lifeline
 from bertflow.dvc_sync import check_stage, stale_entries, sync_dvc_yaml
 from bertflow.io import InputError, write_json
 from bertflow.outcome import BAD_INPUT, FAILED, SUCCEEDED, write_outcome
@@ -37,7 +37,7 @@ def run_stage(stage: str, params_file: str | Path = "params.yaml", root: str | P
     module = importlib.import_module(entry.module)
     section = params if entry.whole_params else getattr(params, stage)
     figures = module.run(section, paths)
-    if distributed.is_main_process():
+    if launch.is_main_process():
         write_json(paths.report(stage), figures)
     return figures
 
@@ -47,20 +47,20 @@ def launch_distributed(stage: str, params_file: str, argv: list[str]) -> None:
 
     The process turns into torchrun (exec, the same pid), so whoever started ``bertflow`` (dvc, the
     flow, a shell) waits on torchrun itself, and a signal to it, even SIGKILL, reaches the ranks
-    (they end with their parent: ``distributed.follow_launcher``). Returns only when not launching.
+    (they end with their parent: ``launch.follow_launcher``). Returns only when not launching.
     """
     if not BY_NAME[stage].distributed:
         return
     params = load_params(params_file)
     settings = params.distributed
-    if not distributed.wants_launch(settings):
+    if not launch.wants_launch(settings):
         return
-    chosen = distributed.check_launch(settings, getattr(params, stage).device, f"{stage}.device")
-    command = distributed.launch_command(settings, argv)
+    chosen = launch.check_launch(settings, getattr(params, stage).device, f"{stage}.device")
+    command = launch.launch_command(settings, argv)
     logging.getLogger(__name__).info("%s (%s): %s", stage, chosen, " ".join(command))
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    os.execve(command[0], command, distributed.launch_env(settings))
+    os.execve(command[0], command, launch.launch_env(settings))
 
 
 def sync_or_check(root: Path, check: bool) -> int:
@@ -126,7 +126,7 @@ def run_command(stage: str, params_file: str, root: str, argv: list[str]) -> int
 
 def record(stage: str, status: str, exit_code: int, error: BaseException | None = None) -> None:
     """The outcome record, from rank 0 only (every rank computes the same, and one writer per file)."""
-    if distributed.is_main_process():
+    if launch.is_main_process():
         write_outcome(stage, status, exit_code, error)
 
 

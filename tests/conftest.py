@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,22 @@ def tiny(tmp_path: Path):
     return copy.deepcopy(tiny_params(tmp_path)), tmp_path
 
 
+def once_per_run(tmp_path_factory, name: str, build: Callable[[Path], object]):
+    """``build(folder)`` once per test run, also across pytest-xdist's workers: the first to ask builds
+    (the others wait on a lock) and every worker gets the same result (JSON-able; paths as strings).
+    Session-scoped fixtures use it, so ``make test``'s workers share one tiny chain instead of each
+    building its own. A failed build leaves no record: the next worker to ask builds again (and fails)."""
+    from filelock import FileLock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    record = tmp_path_factory.getbasetemp().parent / f"{name}.json"
+    with FileLock(f"{record}.lock"):
+        if not record.is_file():
+            record.write_text(json.dumps(build(tmp_path_factory.mktemp(name)), default=str))
+        return json.loads(record.read_text())
+
+
 DATA_STAGES = ("ingest", "tokenizer", "pretrain_data")
 TRAINING_STAGES = ("pretrain", "finetune", "evaluate")
 
@@ -88,10 +107,13 @@ def tiny_run(tmp_path_factory):
 
     if not SHARED_DATA.is_dir():
         pytest.fail(f"{SHARED_DATA} is missing: the tests need ../shared/data beside the repo")
-    root = tmp_path_factory.mktemp("tiny_run")
-    for stage in DATA_STAGES:
-        run_stage(stage, REPO / "params.tiny.yaml", root)
-    return root
+
+    def build(root: Path) -> Path:
+        for stage in DATA_STAGES:
+            run_stage(stage, REPO / "params.tiny.yaml", root)
+        return root
+
+    return Path(once_per_run(tmp_path_factory, "tiny_run", build))
 
 
 @pytest.fixture(scope="session")
@@ -101,12 +123,14 @@ def tiny_trained(tiny_run, tmp_path_factory):
 
     from tasks.cli import run_stage
 
-    root = tmp_path_factory.mktemp("tiny_trained")
-    for name in ("data", "artifacts"):
-        shutil.copytree(tiny_run / name, root / name)
-    for stage in TRAINING_STAGES:
-        run_stage(stage, REPO / "params.tiny.yaml", root)
-    return root
+    def build(root: Path) -> Path:
+        for name in ("data", "artifacts"):
+            shutil.copytree(tiny_run / name, root / name)
+        for stage in TRAINING_STAGES:
+            run_stage(stage, REPO / "params.tiny.yaml", root)
+        return root
+
+    return Path(once_per_run(tmp_path_factory, "tiny_trained", build))
 
 
 def copy_outputs(source: Path, target: Path) -> Path:
@@ -124,9 +148,11 @@ def tiny_optimized(tiny_trained, tmp_path_factory):
 
     from tasks.cli import run_stage
 
-    root = copy_outputs(tiny_trained, tmp_path_factory.mktemp("tiny_optimized"))
-    run_stage("optimize", REPO / "params.tiny.yaml", root)
-    return root
+    def build(root: Path) -> Path:
+        run_stage("optimize", REPO / "params.tiny.yaml", copy_outputs(tiny_trained, root))
+        return root
+
+    return Path(once_per_run(tmp_path_factory, "tiny_optimized", build))
 
 
 def outputs_left(root: Path) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_TRAINING
+from tests.conftest import REPO, TINY_TRAINING, once_per_run
 
 BIN = Path(sys.executable).parent
 ENV = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
@@ -96,8 +96,12 @@ def built_project(tmp_path_factory) -> tuple[Path, list[str]]:
     Tests that need a whole chain behind them take a private copy (``built``), so the chain is not
     rebuilt for each; the one flow test that must run every stage from nothing still builds its own.
     """
-    root = new_project(tmp_path_factory.mktemp("built"))
-    return root, repro(root, "report")
+    def build(folder: Path) -> tuple[Path, list[str]]:
+        root = new_project(folder)
+        return root, repro(root, "report")
+
+    root, stages = once_per_run(tmp_path_factory, "built", build)
+    return Path(root), stages
 
 
 @pytest.fixture

@@ -17,6 +17,9 @@ import pytest
 
 from tests.flow.conftest import BIN, ENV, copy_project, mlflow_client, set_param, sh
 
+# One make test worker (xdist --dist loadgroup) runs this module: its tests share one Prefect server
+pytestmark = pytest.mark.xdist_group("crash")
+
 TIMING = re.compile(r"second|per_s|latency|speedup|throughput|_ms|tokens_per|mfu|flops|weights_mb|logging|resumed",
                     re.I)
 

@@ -25,9 +25,13 @@ import yaml
 from safetensors.torch import load_file
 
 from bertflow import distributed as dd
+from bertflow import launch
 from bertflow import training as tr
 from bertflow.params import write_params_copy
 from tests.conftest import REPO
+
+# One make test worker (xdist --dist loadgroup) runs this module: they share one fixture (1- and 2-process pretraining)
+pytestmark = pytest.mark.xdist_group("distributed")
 
 SAME_MATHS = {"bf16": False, "compile_loss": False, "device": "cpu"}
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -78,12 +82,13 @@ def test_a_batch_that_does_not_split_is_refused():
 def test_torchrun_command_for_one_node_and_for_many():
     from bertflow.params import DistributedParams
 
-    one = dd.launch_command(DistributedParams(nproc_per_node=2), ["pretrain"])
+    one = launch.launch_command(DistributedParams(nproc_per_node=2), ["pretrain"])
     assert "--standalone" in one and "--nproc-per-node=2" in one and one[-3:] == ["-m", "tasks.cli", "pretrain"]
-    many = dd.launch_command(DistributedParams(nproc_per_node=8, nnodes=2, rdzv_endpoint="head:29400"), ["finetune"])
+    many = launch.launch_command(DistributedParams(nproc_per_node=8, nnodes=2, rdzv_endpoint="head:29400"),
+                                 ["finetune"])
     assert "--nnodes=2" in many and "--rdzv-endpoint=head:29400" in many and "--standalone" not in many
     with pytest.raises(Exception, match="rdzv_endpoint"):
-        dd.launch_command(DistributedParams(nnodes=2), ["pretrain"])
+        launch.launch_command(DistributedParams(nnodes=2), ["pretrain"])
 
 
 # ---------------------------------------------------------------- two processes against one

@@ -11,6 +11,9 @@ from tasks.report import SECTIONS
 from tests.conftest import DATA_STAGES, REPO, copy_outputs
 from tests.report.browser import inspect
 
+# One make test worker (xdist --dist loadgroup) runs this module: they share one reported project
+pytestmark = pytest.mark.xdist_group("report")
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from ruamel.yaml import YAML
 
@@ -94,20 +95,19 @@ def test_dvc_yaml_and_params_yaml_are_in_step_with_the_code():
     assert check.returncode == 0, check.stderr
 
 
-def test_every_stage_depends_on_every_project_module_it_loads():
+@pytest.mark.parametrize("name", stages.PIPELINE)  # one test per stage: make test's workers share them
+def test_every_stage_depends_on_every_project_module_it_loads(name):
     """The AST closure holds at least what Python really imports for the stage (and the lazy imports besides)."""
-    declared = dvc_document()["stages"]
-    for name in stages.PIPELINE:
-        code = (f"import sys, tasks.cli, tasks.{name}; print('\\n'.join(m.__file__ for m in list(sys.modules.values()) "
-                "if getattr(m, '__file__', None)))")
-        files = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                               check=True).stdout.split()
-        loaded = {Path(f).resolve().relative_to(REPO).as_posix() for f in files
-                  if Path(f).resolve().is_relative_to(REPO) and Path(f).resolve().parts[len(REPO.parts)]
-                  in dvc_sync.PACKAGES}
-        deps = set(declared[name]["deps"])
-        assert loaded <= deps, f"stage {name} loads {sorted(loaded - deps)} without depending on them"
-        assert {f"tasks/{name}.py", "tasks/cli.py", "bertflow/params.py"} <= deps
+    code = (f"import sys, tasks.cli, tasks.{name}; print('\\n'.join(m.__file__ for m in list(sys.modules.values()) "
+            "if getattr(m, '__file__', None)))")
+    files = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    loaded = {Path(f).resolve().relative_to(REPO).as_posix() for f in files
+              if Path(f).resolve().is_relative_to(REPO) and Path(f).resolve().parts[len(REPO.parts)]
+              in dvc_sync.PACKAGES}
+    deps = set(dvc_document()["stages"][name]["deps"])
+    assert loaded <= deps, f"stage {name} loads {sorted(loaded - deps)} without depending on them"
+    assert {f"tasks/{name}.py", "tasks/cli.py", "bertflow/params.py"} <= deps
 
 
 def test_import_closure_follows_lazy_relative_and_package_imports(tmp_path):
