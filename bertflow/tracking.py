@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -138,10 +139,14 @@ def lock_digest(root: Path) -> str:
 
 
 def prefect_flow_run_id() -> str | None:
-    """The Prefect flow run this process belongs to, if any (in-process runtime, or inherited env)."""
+    """The Prefect flow run this process belongs to, if any (in-process runtime, or inherited env).
+
+    A process that has not imported Prefect runs no flow itself, so the answer is the environment's
+    (the flow hands its id to the stage commands) without the seconds of importing Prefect to ask.
+    """
     flow_run = os.environ.get("PREFECT__FLOW_RUN_ID")
-    if flow_run:
-        return flow_run
+    if flow_run or "prefect" not in sys.modules:
+        return flow_run or None
     try:
         from prefect.runtime import flow_run as runtime
         return runtime.get_id()

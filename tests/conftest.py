@@ -38,7 +38,10 @@ TINY_TRAINING = {
     "lm_baselines": {"lstm": {"embedding_size": 16, "hidden_size": 16, "max_steps": 10, "log_every": 5}},
     "pretrain": {"model": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                            "intermediate_size": 64, "max_position_embeddings": 64}, "max_steps": 10, "batch_size": 8,
-                 "device": "cpu"},  # the tests' expectations hold on the CPU, also on a machine with GPUs
+                 "device": "cpu",  # the tests' expectations hold on the CPU, also on a machine with GPUs
+                 # ten steps do not repay torch.compile's seconds; the compiled loss is tested on the tiny
+                 # profile (tests/model: tiny_trained, test_pretrain.py)
+                 "compile_loss": False},
     "finetune": {"max_seq_length": 32, "epochs": 1, "batch_size": 8, "device": "cpu"},
     "evaluate": {},
     "optimize": {"distill": {"student": {"num_hidden_layers": 1}, "epochs": 1}, "prune": {"recovery_steps": 5},

@@ -17,9 +17,6 @@ import pytest
 
 from tests.flow.conftest import BIN, ENV, copy_project, mlflow_client, set_param, sh
 
-# One make test worker (xdist --dist loadgroup) runs this module: its tests share one Prefect server
-pytestmark = pytest.mark.xdist_group("crash")
-
 TIMING = re.compile(r"second|per_s|latency|speedup|throughput|_ms|tokens_per|mfu|flops|weights_mb|logging|resumed",
                     re.I)
 
@@ -54,16 +51,18 @@ def start_flow(project: Path, url: str) -> subprocess.Popen:
     return process
 
 
-def stage_processes(stage: str) -> list[int]:
-    """Pids of running ``bertflow <stage>`` commands."""
+def stage_processes(stage: str, project: Path) -> list[int]:
+    """Pids of running ``bertflow <stage>`` commands working in ``project`` (make test's other worker
+    may be running the same stage in a project of its own)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 args = (entry / "cmdline").read_bytes().split(b"\0")
+                cwd = (entry / "cwd").resolve()
             except OSError:
                 continue
-            if any(a.endswith(b"/bertflow") for a in args) and stage.encode() in args:
+            if any(a.endswith(b"/bertflow") for a in args) and stage.encode() in args and cwd == project.resolve():
                 found.append(int(entry.name))
     return found
 
@@ -92,7 +91,7 @@ def kill(flow: subprocess.Popen, stage: str) -> None:
     project = Path(flow.args[3])
     deadline = time.time() + 15
     # the stage's process group (dvc, the stage) dies with the flow (bertflow/lifeline.py)
-    while stage_processes(stage) or lock_holders(project):
+    while stage_processes(stage, project) or lock_holders(project):
         assert time.time() < deadline, f"bertflow {stage} or its dvc kept running after the flow was killed"
         time.sleep(0.1)
 
@@ -143,7 +142,7 @@ def test_a_killed_flow_loses_nothing(built_project, prefect_url, tmp_path):
     before = versions(project)
 
     flow = start_flow(project, prefect_url)  # 1: inside a data stage
-    wait_until(lambda: stage_processes("pretrain_data"), flow, 300, "pretrain_data to start")
+    wait_until(lambda: stage_processes("pretrain_data", project), flow, 300, "pretrain_data to start")
     time.sleep(0.5)
     kill(flow, "pretrain_data")
     nothing_half_written(project)
@@ -151,7 +150,7 @@ def test_a_killed_flow_loses_nothing(built_project, prefect_url, tmp_path):
     checkpoints = project / "artifacts" / "pretrain_checkpoints"
     earlier = {p.name for p in checkpoints.glob("step-*")}  # the built project's own, from its shorter run
     flow = start_flow(project, prefect_url)  # 2: inside pretraining, after a checkpoint of this run
-    wait_until(lambda: stage_processes("pretrain") and {p.name for p in checkpoints.glob("step-*")} - earlier,
+    wait_until(lambda: stage_processes("pretrain", project) and {p.name for p in checkpoints.glob("step-*")} - earlier,
                flow, 300, "pretraining's first checkpoint")
     kill(flow, "pretrain")
     nothing_half_written(project)

@@ -26,9 +26,6 @@ from tests.flow.conftest import (
     sh,
 )
 
-# One make test worker (xdist --dist loadgroup) runs this module: its tests share one Prefect server
-pytestmark = pytest.mark.xdist_group("prefect")
-
 STAGES = ["ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate", "attention",
           "optimize", "register", "report"]
 
