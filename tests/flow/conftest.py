@@ -57,6 +57,21 @@ def set_param(project: Path, section: str, key: str, value) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+# The optional parts a test of orchestration does not look at (the ablation, the baselines, all variants
+# but int8, report logging), switched off where a test re-runs finetune onward anyway: each re-run then
+# costs about a third less. Every part stays covered: the built project runs them all, and
+# test_every_switch_off_under_dvc switches them off. int8 stays so register logs one variant after the
+# classifier's version (the crash test kills register in that window).
+LEAN = [("finetune", "random_init_ablation", False), ("evaluate", "majority_baseline", False),
+        ("evaluate", "tfidf_baseline", False), ("optimize", "variants", ["int8"]), ("report", "log_to_mlflow", False)]
+
+
+def lean(project: Path) -> Path:
+    for section, key, value in LEAN:
+        set_param(project, section, key, value)
+    return project
+
+
 @pytest.fixture
 def project(tmp_path):
     """dvc.yaml, bertflow/, tasks/ and flows/ copied, a tiny corpus and labeled set, a DVC remote beside it."""

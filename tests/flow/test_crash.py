@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flow.conftest import BIN, ENV, copy_project, mlflow_client, set_param, sh
+from tests.flow.conftest import BIN, ENV, copy_project, lean, mlflow_client, set_param, sh
 
 TIMING = re.compile(r"second|per_s|latency|speedup|throughput|_ms|tokens_per|mfu|flops|weights_mb|logging|resumed",
                     re.I)
@@ -33,8 +33,9 @@ def prefect_url():
 
 def changed_copy(built_project, folder: Path) -> Path:
     """A copy of the built project with settings that re-run pretrain_data onward, pretraining long
-    enough to be caught mid-way and checkpointing every few steps."""
-    project = copy_project(built_project[0], folder)
+    enough to be caught mid-way and checkpointing every few steps, without the optional parts that do
+    not bear on a crash (conftest.LEAN: they would run four times here)."""
+    project = lean(copy_project(built_project[0], folder))
     set_param(project, "pretrain_data", "dupe_factor", 2)
     set_param(project, "pretrain", "max_steps", 40)
     set_param(project, "pretrain", "checkpoint_every_steps", 4)

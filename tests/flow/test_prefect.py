@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +18,7 @@ from tests.flow.conftest import (
     BIN,
     ENV,
     classifier_versions,
+    lean,
     mlflow_client,
     repro,
     set_param,
@@ -32,11 +31,14 @@ STAGES = ["ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "f
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
-    """A real Prefect API (the test harness's temporary server and SQLite database) for in-process flow runs."""
+    """A real Prefect API (the test harness's temporary server and SQLite database, a uvicorn process of its
+    own) for in-process flow runs and for the processes the tests start; yields its URL. One per module and
+    worker: a server costs some 20 CPU-seconds to start."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
-        yield
+        yield PREFECT_API_URL.value()
 
 
 def flow_state(project: Path, **kwargs):
@@ -116,23 +118,6 @@ def test_flow_and_dvc_repro_keep_one_record(built, prefect_api, monkeypatch):
     assert ran(flow_state(project)) == []  # unchanged: every stage skipped
 
 
-def test_dvc_repro_and_flow_overrides_keep_one_record(built, prefect_api, monkeypatch):
-    """The other half of one record (a test of its own, so make test's workers share the halves)."""
-    project = built
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    client = mlflow_client(project)
-    set_param(project, "finetune", "learning_rate", 0.0005)
-    assert repro(project, "report") == AFTER_FINETUNE_DVC
-    assert ran(flow_state(project)) == []  # after dvc repro, the flow skips every stage
-    changed = flow_state(project, overrides={"finetune.learning_rate": 0.0002})
-    assert ran(changed) == ["finetune", "evaluate", "attention", "optimize", "register", "report"]
-    assert "learning_rate: 0.0002" in (project / "params.yaml").read_text()
-    assert "up to date" in sh("dvc", "status", cwd=project).stdout
-    versions = client.search_model_versions("name='tiny'")
-    # the built project's, dvc repro's and the flow's: the classifier, each beside its variants
-    assert sum(v.tags.get("variant") == "fp32" for v in versions) == 3
-
-
 def test_failed_stage_fails_the_run_and_the_next_run_resumes_there(built, prefect_api, monkeypatch):
     project = built  # the whole chain already built by dvc repro: the flow's first run skips every stage
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -152,6 +137,7 @@ def test_failed_stage_fails_the_run_and_the_next_run_resumes_there(built, prefec
 
     # a registry that does not answer: the stages before register keep their outputs in the cache,
     # and once it is back the next run runs register (and the report that follows it) alone
+    lean(project)  # what follows re-runs finetune onward: without the parts this test does not look at
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     down = flow_state(project, overrides={"finetune.learning_rate": 0.0003})
     assert down.is_failed()
@@ -211,7 +197,7 @@ print(json.dumps("\\n".join(l.message for l in logs)))
 RUN_DEPLOYMENT = """
 import json, sys
 from prefect.deployments import run_deployment
-run = run_deployment(sys.argv[1], timeout=900)
+run = run_deployment(sys.argv[1], parameters=json.loads(sys.argv[2]), timeout=900)
 print(json.dumps({"state": run.state.type.value, "id": str(run.id)}))
 """
 
@@ -221,10 +207,6 @@ def run_logs(env: dict, run_id: str) -> str:
     return json.loads(api_call(READ_LOGS, env, run_id))
 
 
-HEALTH = """
-import sys, urllib.request
-print(urllib.request.urlopen(sys.argv[1] + "/health", timeout=5).read().decode())
-"""
 DEPLOYMENT = """
 import sys
 from prefect import get_client
@@ -243,29 +225,11 @@ def stop(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-@contextlib.contextmanager
-def prefect_server(tmp_path):
-    """A real ``prefect server start`` on 127.0.0.1; yields the environment that points at it."""
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**ENV, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_DATABASE_TIMEOUT": "60"}
+def api_env(url: str, tmp_path: Path) -> dict:
+    """The environment of a process that talks to the Prefect API at ``url`` (a home of its own)."""
+    env = {**ENV, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": url}
     env.pop("MLFLOW_TRACKING_URI", None)
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    try:
-        def healthy():
-            try:
-                return api_call(HEALTH, env, api) == "true"
-            except AssertionError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                return False
-        wait_for(healthy, 180, "the Prefect server")
-        yield env
-    finally:
-        stop(server)
-        shutil.rmtree(tmp_path / "prefect_home", ignore_errors=True)
+    return env
 
 
 def background(command: list[str], cwd, env: dict, log) -> subprocess.Popen:
@@ -273,40 +237,62 @@ def background(command: list[str], cwd, env: dict, log) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def test_served_deployment_runs_through_the_api(built, tmp_path):
-    project = built
-    set_param(project, "finetune", "learning_rate", 0.0005)  # the served run has stages to run
-    with prefect_server(tmp_path) as env:
-        served = background([str(BIN / "bertflow-flow"), "serve", "--root", str(project)], project, env,
-                            tmp_path / "serve.log")
-        try:
-            def deployed():
-                assert served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                try:
-                    return api_call(DEPLOYMENT, env, "bertflow/tiny-nightly")
-                except AssertionError:
-                    return False
-            assert wait_for(deployed, 180, "the deployment") == "['0 3 * * * Europe/Berlin']"
+def stage_lines(env: dict, run_id: str, count: int) -> dict[str, str]:
+    """``stage -> ran | skipped`` from the run's ``stage <name> ...`` log lines, once all ``count`` are in."""
+    def lines():
+        found = {}
+        for line in run_logs(env, run_id).splitlines():
+            words = line.split()
+            if len(words) >= 3 and words[0] == "stage" and words[1] in STAGES and words[2] in ("ran", "skipped"):
+                found[words[1]] = words[2]
+        return found if len(found) == count else None
+    try:
+        return wait_for(lines, 60, f"{count} 'stage ... ran/skipped' lines in the run's logs")
+    except AssertionError:
+        shown = [line for line in run_logs(env, run_id).splitlines() if line.startswith("stage ")]
+        raise AssertionError(f"the run's stage lines: {shown}") from None
 
-            first = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly"))
-            assert first["state"] == "COMPLETED", run_logs(env, first["id"])[-3000:]
-            version = json.loads((project / "reports" / "register.json").read_text())["version"]
-            assert classifier_versions(project) == [1, int(version)]  # the built project's, and this run's
-            lock = (project / "dvc.lock").read_text()
 
-            second = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly"))
-            assert second["state"] == "COMPLETED", run_logs(env, second["id"])[-3000:]
+def test_served_deployment_and_dvc_repro_keep_one_record(built, prefect_api, tmp_path):
+    """``dvc repro``, then the served deployment through the API: it skips what dvc repro built, then
+    runs a flow-run override (written to params.yaml, so dvc repro agrees) and registers it."""
+    project = lean(built)  # finetune onward runs twice: without the parts this test does not look at
+    set_param(project, "finetune", "learning_rate", 0.0005)
+    assert repro(project, "report") == AFTER_FINETUNE_DVC
+    lock = (project / "dvc.lock").read_text()
+    env = api_env(prefect_api, tmp_path)
+    served = background([str(BIN / "bertflow-flow"), "serve", "--root", str(project)], project, env,
+                        tmp_path / "serve.log")
+    try:
+        def deployed():
+            assert served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             try:
-                wait_for(lambda: all(f"stage {stage} skipped" in run_logs(env, second["id"]) for stage in STAGES), 60,
-                         "a 'skipped' line for every stage in the second run's logs")
+                return api_call(DEPLOYMENT, env, "bertflow/tiny-nightly")
             except AssertionError:
-                lines = [line for line in run_logs(env, second["id"]).splitlines() if line.startswith("stage ")]
-                raise AssertionError(f"the second run's stage lines: {lines}") from None
-            versions = mlflow_client(project).search_model_versions("name='tiny'")
-            assert [v.tags.get("variant") for v in versions].count("fp32") == 2  # nothing new registered
-            assert (project / "dvc.lock").read_text() == lock
-        finally:
-            stop(served)
+                return False
+        assert wait_for(deployed, 180, "the deployment") == "['0 3 * * * Europe/Berlin']"
+
+        # after dvc repro, the served flow skips every stage and registers nothing
+        skipped = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly", "{}"))
+        assert skipped["state"] == "COMPLETED", run_logs(env, skipped["id"])[-3000:]
+        assert stage_lines(env, skipped["id"], len(STAGES)) == {stage: "skipped" for stage in STAGES}
+        assert (project / "dvc.lock").read_text() == lock
+        assert len(classifier_versions(project)) == 2  # the built project's and dvc repro's
+
+        # a flow-run override: finetune onward runs on the served deployment and registers
+        parameters = json.dumps({"overrides": {"finetune.learning_rate": 0.0002}})
+        changed = json.loads(api_call(RUN_DEPLOYMENT, env, "bertflow/tiny-nightly", parameters))
+        assert changed["state"] == "COMPLETED", run_logs(env, changed["id"])[-3000:]
+        after = STAGES[STAGES.index("finetune"):]
+        assert stage_lines(env, changed["id"], len(STAGES)) == {
+            stage: "ran" if stage in after else "skipped" for stage in STAGES}
+    finally:
+        stop(served)
+    assert "learning_rate: 0.0002" in (project / "params.yaml").read_text()
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout
+    version = json.loads((project / "reports" / "register.json").read_text())["version"]
+    versions = classifier_versions(project)  # the built project's, dvc repro's and the served run's
+    assert len(versions) == 3 and versions[-1] == int(version)
 
 
 POOL_RUNS = """
@@ -319,25 +305,25 @@ print(json.dumps(sorted([r.parameters["stage"], r.state.type.value] for r in run
 """
 
 
-def test_training_stages_run_on_a_work_pool(built, tmp_path):
-    project = built
+def test_training_stages_run_on_a_work_pool(built, prefect_api, tmp_path):
+    project = lean(built)  # pretrain onward runs again: without the parts this test does not look at
     set_param(project, "pretrain", "seed", 7)  # pretrain and finetune run again, on the pool
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["distributed"] = {"work_pool": "training", "deployment": "tiny-training"}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    with prefect_server(tmp_path) as env:
-        sh(str(BIN / "prefect"), "work-pool", "create", "training", "--type", "process", cwd=project, env=env)
-        deployed = sh(str(BIN / "bertflow-flow"), "deploy-training", "--root", str(project), cwd=project, env=env)
-        assert "bertflow-stage/tiny-training" in deployed.stdout
-        worker = background([str(BIN / "prefect"), "worker", "start", "--pool", "training"], project, env,
-                            tmp_path / "worker.log")
-        try:
-            run = sh(str(BIN / "bertflow-flow"), "run", "--root", str(project), cwd=project, env=env, check=False)
-            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + \
-                (tmp_path / "worker.log").read_text()[-3000:]
-        finally:
-            stop(worker)
-        pooled = json.loads(api_call(POOL_RUNS, env, "tiny-training"))
+    env = api_env(prefect_api, tmp_path)
+    sh(str(BIN / "prefect"), "work-pool", "create", "training", "--type", "process", cwd=project, env=env)
+    deployed = sh(str(BIN / "bertflow-flow"), "deploy-training", "--root", str(project), cwd=project, env=env)
+    assert "bertflow-stage/tiny-training" in deployed.stdout
+    worker = background([str(BIN / "prefect"), "worker", "start", "--pool", "training"], project, env,
+                        tmp_path / "worker.log")
+    try:
+        run = sh(str(BIN / "bertflow-flow"), "run", "--root", str(project), cwd=project, env=env, check=False)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + \
+            (tmp_path / "worker.log").read_text()[-3000:]
+    finally:
+        stop(worker)
+    pooled = json.loads(api_call(POOL_RUNS, env, "tiny-training"))
     assert pooled == [["finetune", "COMPLETED"], ["pretrain", "COMPLETED"]]
     assert "pretrain@training" in run.stdout + run.stderr
     assert (project / "artifacts" / "classifier" / "config.json").is_file()

@@ -97,6 +97,15 @@ def register(root: Path, env: dict | None = None) -> subprocess.CompletedProcess
                           capture_output=True, text=True, env=environment, timeout=600)
 
 
+def register_here(root: Path, monkeypatch) -> dict:
+    """The register stage in this test's process: the same ``run_stage`` the CLI calls, without another
+    start of Python, MLflow and torch (some 15 CPU-seconds each); the CLI itself is ``register``."""
+    from tasks.cli import run_stage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return run_stage("register", REPO / "params.tiny.yaml", root)
+
+
 def consume(uri: str, model_uri: str, texts: list[str], blocked: tuple[str, ...] = ()) -> dict:
     """What a fresh process without bertflow (and without the ``blocked`` modules) gets from the model."""
     result = subprocess.run([sys.executable, "-c", CONSUMER, uri, model_uri, json.dumps(texts), *blocked],
@@ -105,7 +114,7 @@ def consume(uri: str, model_uri: str, texts: list[str], blocked: tuple[str, ...]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_register_tracks_gates_and_serves(trained_copy):
+def test_register_tracks_gates_and_serves(trained_copy, monkeypatch, caplog):
     root = trained_copy
     first = register(root)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -146,7 +155,7 @@ def test_register_tracks_gates_and_serves(trained_copy):
     # a second registration of the same model does not beat the champion: challenger only; `fast`,
     # gone (as for a champion registered before the optimize stage existed), comes back on the champion
     client.delete_registered_model_alias("bertflow-tiny", FAST)
-    assert register(root).returncode == 0
+    register_here(root, monkeypatch)
     second = json.loads((root / "reports" / "register.json").read_text())
     assert (second["version"], second["decision"], second["aliases"]) == ("2", CHALLENGER, [CHALLENGER])
     assert str(client.get_model_version_by_alias("bertflow-tiny", CHAMPION).version) == "1"
@@ -158,8 +167,9 @@ def test_register_tracks_gates_and_serves(trained_copy):
     # next run finds the version these inputs made and says so, registering nothing new
     done = (root / "reports" / "register.json").read_text()
     (root / "reports" / "register.json").write_text(first_report)  # as the killed run left it
-    again = register(root)
-    assert again.returncode == 0 and "was registered from these very inputs" in again.stderr
+    with caplog.at_level("INFO", logger="tasks.register"):
+        register_here(root, monkeypatch)
+    assert "was registered from these very inputs" in caplog.text
     after = json.loads((root / "reports" / "register.json").read_text())
     assert {k: v for k, v in after.items() if k != "logging"} == {k: v for k, v in json.loads(done).items()
                                                                    if k != "logging"}
@@ -167,14 +177,14 @@ def test_register_tracks_gates_and_serves(trained_copy):
 
     # other test data on the champion: not compared, stays challenger, and says why
     client.set_model_version_tag("bertflow-tiny", "1", "test_data_fingerprint", "other-data")
-    assert register(root).returncode == 0
+    register_here(root, monkeypatch)
     third = client.get_model_version("bertflow-tiny", "3")
     assert third.tags["gate.decision"] == CHALLENGER and third.tags["gate.reason"].startswith("not compared")
 
     # a champion measured lower on the same data is replaced
     client.set_model_version_tag("bertflow-tiny", "1", "test_data_fingerprint", report["test_data_fingerprint"])
     client.set_model_version_tag("bertflow-tiny", "1", "metric.accuracy", "0.0")
-    assert register(root).returncode == 0
+    register_here(root, monkeypatch)
     assert str(client.get_model_version_by_alias("bertflow-tiny", CHAMPION).version) == "4"
     assert str(client.get_model_version_by_alias("bertflow-tiny", FAST).version) == "4"  # a new champion's form
 
