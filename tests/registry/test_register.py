@@ -19,6 +19,7 @@ from tasks.register import CHALLENGER, CHAMPION, FAST, data_fingerprint
 from tests.conftest import REPO, copy_outputs
 
 BIN = Path(sys.executable).parent
+MLFLOW_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # a subprocess here names its store itself
 CONSUMER = """
 import sys
 for blocked in ["bertflow", "tasks", *sys.argv[4:]]:  # a consumer has mlflow and a runtime, never bertflow
@@ -91,7 +92,7 @@ def client_for(uri: str):
 
 
 def register(root: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    environment = {k: v for k, v in os.environ.items() if k not in MLFLOW_URIS}
     environment.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {}))
     return subprocess.run(["bertflow", "--params", str(REPO / "params.tiny.yaml"), "--root", str(root), "register"],
                           capture_output=True, text=True, env=environment, timeout=600)
@@ -100,21 +101,30 @@ def register(root: Path, env: dict | None = None) -> subprocess.CompletedProcess
 def register_here(root: Path, monkeypatch, tracking_uri: str | None = None) -> dict:
     """The register stage in this test's process: the same ``run_stage`` the CLI calls, without another
     start of Python, MLflow and torch (some 15 CPU-seconds each); the CLI itself is ``register``."""
+    import mlflow
+
     from tasks.cli import run_stage
 
-    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.delenv(key, raising=False)  # register sets them for its own process: undone after the test
+    # register sets these for its own process (MLflow exports its URIs to the environment, for children):
+    # undone after the test, so no later test or subprocess of this worker inherits them
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(key, raising=False)
     if tracking_uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     else:
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return run_stage("register", REPO / "params.tiny.yaml", root)
+    try:
+        return run_stage("register", REPO / "params.tiny.yaml", root)
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
 
 
 def consume(uri: str, model_uri: str, texts: list[str], blocked: tuple[str, ...] = ()) -> dict:
     """What a fresh process without bertflow (and without the ``blocked`` modules) gets from the model."""
     result = subprocess.run([sys.executable, "-c", CONSUMER, uri, model_uri, json.dumps(texts), *blocked],
-                            capture_output=True, text=True, timeout=600, cwd="/")
+                            capture_output=True, text=True, timeout=600, cwd="/",
+                            env={k: v for k, v in os.environ.items() if k not in MLFLOW_URIS})
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
