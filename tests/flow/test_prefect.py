@@ -330,3 +330,22 @@ def test_training_stages_run_on_a_work_pool(built, prefect_api, tmp_path):
     version = json.loads((project / "reports" / "register.json").read_text())["version"]
     assert classifier_versions(project) == [1, int(version)]  # the built project's, and this run's
     assert "up to date" in sh("dvc", "status", cwd=project).stdout  # one record, wherever the stage ran
+
+
+def test_the_flow_skips_from_dvc_status_only_what_it_calls_unchanged(built, tmp_path):
+    """The up-front ``dvc status``: every stage of the built project unchanged; a changed param takes its
+    stage out (the stages after it are dvc repro's once it has run); a status that fails (no DVC project)
+    calls nothing unchanged, leaving every stage to dvc repro."""
+    import logging
+
+    from flows.pipeline import unchanged_stages
+
+    warnings = []
+    logger = logging.getLogger("tests.flow.status")
+    logger.addHandler(type("Kept", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})())
+    assert unchanged_stages(built, logger) == set(STAGES)
+    set_param(built, "evaluate", "heldout_instances", 7)
+    assert unchanged_stages(built, logger) == set(STAGES) - {"evaluate"}  # downstream is DVC's, later
+    (tmp_path / "no-dvc").mkdir()
+    assert unchanged_stages(tmp_path / "no-dvc", logger) == set()
+    assert len(warnings) == 1 and warnings[0].startswith("dvc status failed")
