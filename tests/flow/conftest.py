@@ -67,8 +67,10 @@ LEAN = [("finetune", "random_init_ablation", False), ("evaluate", "majority_base
 
 
 def lean(project: Path) -> Path:
+    params = yaml.safe_load((project / "params.yaml").read_text())
     for section, key, value in LEAN:
-        set_param(project, section, key, value)
+        params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return project
 
 

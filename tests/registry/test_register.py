@@ -91,8 +91,13 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def child_env() -> dict:
+    """This process's environment without the MLflow URIs an in-process stage may have exported."""
+    return {k: v for k, v in os.environ.items() if k not in MLFLOW_URIS}
+
+
 def register(root: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k not in MLFLOW_URIS}
+    environment = child_env()
     environment.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {}))
     return subprocess.run(["bertflow", "--params", str(REPO / "params.tiny.yaml"), "--root", str(root), "register"],
                           capture_output=True, text=True, env=environment, timeout=600)
@@ -124,7 +129,7 @@ def consume(uri: str, model_uri: str, texts: list[str], blocked: tuple[str, ...]
     """What a fresh process without bertflow (and without the ``blocked`` modules) gets from the model."""
     result = subprocess.run([sys.executable, "-c", CONSUMER, uri, model_uri, json.dumps(texts), *blocked],
                             capture_output=True, text=True, timeout=600, cwd="/",
-                            env={k: v for k, v in os.environ.items() if k not in MLFLOW_URIS})
+                            env=child_env())
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
