@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +157,63 @@ def rebase_sqlite(database: Path, old: str, new: str) -> None:
 WHOLE_CHAIN_DVC = ["ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate",
                    "attention", "optimize", "register", "report"]
 AFTER_FINETUNE_DVC = ["finetune", "evaluate", "attention", "optimize", "register", "report"]
+
+
+# ---------------------------------------------------------------- a real Prefect API and processes that use it
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (the test harness's temporary server and SQLite database, a uvicorn process of its
+    own) for in-process flow runs and for the processes the tests start; yields its URL. One per worker:
+    a server costs some 20 CPU-seconds to start."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+def api_env(url: str, tmp_path: Path) -> dict:
+    """The environment of a process that talks to the Prefect API at ``url`` (a home of its own)."""
+    env = {**ENV, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": url}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def api_call(code: str, env: dict, *args: str) -> str:
+    """The last line ``python -c code args`` prints, run against the API ``env`` names."""
+    result = subprocess.run([str(BIN / "python"), "-c", code, *args], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+def background(command: list[str], cwd, env: dict, log) -> subprocess.Popen:
+    """``command`` in a session of its own (``stop`` ends it and its children), its output in ``log``."""
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+POOL_RUNS = """
+import json, sys
+from prefect import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+with get_client(sync_client=True) as client:
+    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[sys.argv[1]])))
+print(json.dumps(sorted([r.parameters["stage"], r.state.type.value] for r in runs)))
+"""
+
+
+def pooled_runs(env: dict, deployment: str) -> list[list[str]]:
+    """``[stage, state]`` of every flow run of the work-pool ``deployment``, sorted."""
+    return json.loads(api_call(POOL_RUNS, env, deployment))

@@ -1,6 +1,8 @@
 """A crash anywhere loses nothing: the flow process killed with SIGKILL inside a data stage, inside
 pretraining and inside register; each time the lock is free, nothing is half-written, and the next run
-finishes what was left, to the same figures and registry state as a run that was never interrupted."""
+finishes what was left, to the same figures and registry state as a run that was never interrupted.
+That uninterrupted run puts its training stages on a Prefect work pool (the pool's test: one record,
+the same figures, wherever a stage runs)."""
 
 from __future__ import annotations
 
@@ -13,22 +15,25 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
+import yaml
 
-from tests.flow.conftest import BIN, ENV, copy_project, lean, mlflow_client, set_param, sh
+from tests.flow.conftest import (
+    BIN,
+    ENV,
+    api_env,
+    background,
+    classifier_versions,
+    copy_project,
+    lean,
+    mlflow_client,
+    pooled_runs,
+    set_param,
+    sh,
+    stop,
+)
 
 TIMING = re.compile(r"second|per_s|latency|speedup|throughput|_ms|tokens_per|mfu|flops|weights_mb|logging|resumed",
                     re.I)
-
-
-@pytest.fixture(scope="module")
-def prefect_url():
-    """A real Prefect API (the test harness's server) that flow processes started here report to."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield PREFECT_API_URL.value()
 
 
 def changed_copy(built_project, folder: Path) -> Path:
@@ -42,9 +47,9 @@ def changed_copy(built_project, folder: Path) -> Path:
     return project
 
 
-def start_flow(project: Path, url: str) -> subprocess.Popen:
+def start_flow(project: Path, url: str, env: dict | None = None) -> subprocess.Popen:
     """``bertflow-flow run`` in a process of its own; its output goes to flow-<n>.log beside the project."""
-    env = {**ENV, "PREFECT_API_URL": url}
+    env = env or {**ENV, "PREFECT_API_URL": url}
     log = project.parent / f"flow-{len(list(project.parent.glob('flow-*.log')))}.log"
     process = subprocess.Popen([str(BIN / "bertflow-flow"), "run", "--root", str(project)], cwd=project, env=env,
                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -134,15 +139,42 @@ def registry_state(project: Path) -> dict:
                                                              if v.tags.get("variant") == "fp32")}
 
 
-def test_a_killed_flow_loses_nothing(built_project, prefect_url, tmp_path):
-    reference = changed_copy(built_project, tmp_path / "reference")
-    done = start_flow(reference, prefect_url)
-    assert done.wait(timeout=900) == 0, done.log.read_text()[-3000:]
+def pooled_reference(built_project, url: str, folder: Path) -> Path:
+    """The run that is never interrupted, with its training stages on a Prefect work pool: a process
+    worker runs pretrain and finetune as flow runs of the ``bertflow-stage`` deployment, and the record
+    (dvc.lock, the registry) is the same as wherever else a stage runs. The crashed project runs them in
+    the flow, so the two runs also show that the pool changes no figure."""
+    project = changed_copy(built_project, folder)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["distributed"] = {"work_pool": "training", "deployment": "tiny-training"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = api_env(url, folder)
+    sh(str(BIN / "prefect"), "work-pool", "create", "training", "--type", "process", cwd=project, env=env)
+    deployed = sh(str(BIN / "bertflow-flow"), "deploy-training", "--root", str(project), cwd=project, env=env)
+    assert "bertflow-stage/tiny-training" in deployed.stdout
+    worker = background([str(BIN / "prefect"), "worker", "start", "--pool", "training"], project, env,
+                        folder / "worker.log")
+    try:
+        done = start_flow(project, url, env)
+        assert done.wait(timeout=900) == 0, done.log.read_text()[-3000:] + (folder / "worker.log").read_text()[-3000:]
+    finally:
+        stop(worker)
+    assert pooled_runs(env, "tiny-training") == [["finetune", "COMPLETED"], ["pretrain", "COMPLETED"]]
+    assert "pretrain@training" in done.log.read_text()
+    assert (project / "artifacts" / "classifier" / "config.json").is_file()
+    version = json.loads((project / "reports" / "register.json").read_text())["version"]
+    assert classifier_versions(project) == [1, int(version)]  # the built project's, and this run's
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout  # one record, wherever the stage ran
+    return project
+
+
+def test_a_killed_flow_loses_nothing(built_project, prefect_api, tmp_path):
+    reference = pooled_reference(built_project, prefect_api, tmp_path / "reference")
 
     project = changed_copy(built_project, tmp_path / "crashed")
     before = versions(project)
 
-    flow = start_flow(project, prefect_url)  # 1: inside a data stage
+    flow = start_flow(project, prefect_api)  # 1: inside a data stage
     wait_until(lambda: stage_processes("pretrain_data", project), flow, 300, "pretrain_data to start")
     time.sleep(0.5)
     kill(flow, "pretrain_data")
@@ -150,7 +182,7 @@ def test_a_killed_flow_loses_nothing(built_project, prefect_url, tmp_path):
 
     checkpoints = project / "artifacts" / "pretrain_checkpoints"
     earlier = {p.name for p in checkpoints.glob("step-*")}  # the built project's own, from its shorter run
-    flow = start_flow(project, prefect_url)  # 2: inside pretraining, after a checkpoint of this run
+    flow = start_flow(project, prefect_api)  # 2: inside pretraining, after a checkpoint of this run
     wait_until(lambda: stage_processes("pretrain", project) and {p.name for p in checkpoints.glob("step-*")} - earlier,
                flow, 300, "pretraining's first checkpoint")
     kill(flow, "pretrain")
@@ -158,12 +190,12 @@ def test_a_killed_flow_loses_nothing(built_project, prefect_url, tmp_path):
     assert list(checkpoints.glob("step-*")), "pretraining left no checkpoint to resume from"
     assert not (project / "artifacts" / "pretrained").exists()
 
-    flow = start_flow(project, prefect_url)  # 3: inside register, once MLflow made the version
+    flow = start_flow(project, prefect_api)  # 3: inside register, once MLflow made the version
     wait_until(lambda: versions(project) > before, flow, 600, "register to create the model version")
     kill(flow, "register")
     nothing_half_written(project)
 
-    flow = start_flow(project, prefect_url)  # the next run finishes it all
+    flow = start_flow(project, prefect_api)  # the next run finishes it all
     assert flow.wait(timeout=900) == 0, flow.log.read_text()[-3000:]
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
     assert json.loads((project / "reports" / "pretrain.json").read_text())["resumed_from_step"] > 0

@@ -3,42 +3,29 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.flow.conftest import (
     AFTER_FINETUNE_DVC,
     BIN,
-    ENV,
+    api_call,
+    api_env,
+    background,
     classifier_versions,
     lean,
     mlflow_client,
     repro,
     set_param,
     sh,
+    stop,
 )
 
 STAGES = ["ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate", "attention",
           "optimize", "register", "report"]
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """A real Prefect API (the test harness's temporary server and SQLite database, a uvicorn process of its
-    own) for in-process flow runs and for the processes the tests start; yields its URL. One per module and
-    worker: a server costs some 20 CPU-seconds to start."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield PREFECT_API_URL.value()
 
 
 def flow_state(project: Path, **kwargs):
@@ -137,13 +124,12 @@ def test_failed_stage_fails_the_run_and_the_next_run_resumes_there(built, prefec
 
     # a registry that does not answer: the stages before register keep their outputs in the cache,
     # and once it is back the next run runs register (and the report that follows it) alone
-    lean(project)  # what follows re-runs finetune onward: without the parts this test does not look at
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    down = flow_state(project, overrides={"finetune.learning_rate": 0.0003})
+    down = flow_state(project, overrides={"evaluate.heldout_instances": 7})  # evaluate, then register
     assert down.is_failed()
     assert "MLflow registry at http://127.0.0.1:" in flow_logs(down, "MLflow registry at")
     status = sh("dvc", "status", cwd=project).stdout
-    assert "register:" in status and "finetune:" not in status and "optimize:" not in status
+    assert "register:" in status and "evaluate:" not in status  # evaluate's run is kept
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     resumed = flow_state(project)
     assert resumed.is_completed() and ran(resumed) == ["register", "report"]
@@ -179,13 +165,6 @@ def wait_for(predicate, seconds: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def api_call(code: str, env: dict, *args: str) -> str:
-    result = subprocess.run([str(BIN / "python"), "-c", code, *args], env=env, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip().splitlines()[-1]
-
-
 READ_LOGS = """
 import json, sys
 from prefect import get_client
@@ -214,27 +193,6 @@ with get_client(sync_client=True) as client:
     d = client.read_deployment_by_name(sys.argv[1])
     print([s.schedule.cron + " " + s.schedule.timezone for s in d.schedules])
 """
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def api_env(url: str, tmp_path: Path) -> dict:
-    """The environment of a process that talks to the Prefect API at ``url`` (a home of its own)."""
-    env = {**ENV, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": url}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def background(command: list[str], cwd, env: dict, log) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
 
 
 def stage_lines(env: dict, run_id: str, count: int) -> dict[str, str]:
@@ -293,43 +251,6 @@ def test_served_deployment_and_dvc_repro_keep_one_record(built, prefect_api, tmp
     version = json.loads((project / "reports" / "register.json").read_text())["version"]
     versions = classifier_versions(project)  # the built project's, dvc repro's and the served run's
     assert len(versions) == 3 and versions[-1] == int(version)
-
-
-POOL_RUNS = """
-import json, sys
-from prefect import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-with get_client(sync_client=True) as client:
-    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[sys.argv[1]])))
-print(json.dumps(sorted([r.parameters["stage"], r.state.type.value] for r in runs)))
-"""
-
-
-def test_training_stages_run_on_a_work_pool(built, prefect_api, tmp_path):
-    project = lean(built)  # pretrain onward runs again: without the parts this test does not look at
-    set_param(project, "pretrain", "seed", 7)  # pretrain and finetune run again, on the pool
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["distributed"] = {"work_pool": "training", "deployment": "tiny-training"}
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = api_env(prefect_api, tmp_path)
-    sh(str(BIN / "prefect"), "work-pool", "create", "training", "--type", "process", cwd=project, env=env)
-    deployed = sh(str(BIN / "bertflow-flow"), "deploy-training", "--root", str(project), cwd=project, env=env)
-    assert "bertflow-stage/tiny-training" in deployed.stdout
-    worker = background([str(BIN / "prefect"), "worker", "start", "--pool", "training"], project, env,
-                        tmp_path / "worker.log")
-    try:
-        run = sh(str(BIN / "bertflow-flow"), "run", "--root", str(project), cwd=project, env=env, check=False)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + \
-            (tmp_path / "worker.log").read_text()[-3000:]
-    finally:
-        stop(worker)
-    pooled = json.loads(api_call(POOL_RUNS, env, "tiny-training"))
-    assert pooled == [["finetune", "COMPLETED"], ["pretrain", "COMPLETED"]]
-    assert "pretrain@training" in run.stdout + run.stderr
-    assert (project / "artifacts" / "classifier" / "config.json").is_file()
-    version = json.loads((project / "reports" / "register.json").read_text())["version"]
-    assert classifier_versions(project) == [1, int(version)]  # the built project's, and this run's
-    assert "up to date" in sh("dvc", "status", cwd=project).stdout  # one record, wherever the stage ran
 
 
 def test_the_flow_skips_from_dvc_status_only_what_it_calls_unchanged(built, tmp_path):
