@@ -62,7 +62,7 @@ def set_param(project: Path, section: str, key: str, value) -> None:
 # The optional parts a test of orchestration does not look at (the ablation, the baselines, all variants
 # but int8, report logging), switched off where a test re-runs finetune onward anyway: each re-run then
 # costs about a third less. Every part stays covered: the built project runs them all, and
-# test_every_switch_off_under_dvc switches them off. int8 stays so register logs one variant after the
+# test_whole_chain_under_dvc switches them off. int8 stays so register logs one variant after the
 # classifier's version (the crash test kills register in that window).
 LEAN = [("finetune", "random_init_ablation", False), ("evaluate", "majority_baseline", False),
         ("evaluate", "tfidf_baseline", False), ("optimize", "variants", ["int8"]), ("report", "log_to_mlflow", False)]
@@ -156,7 +156,6 @@ def rebase_sqlite(database: Path, old: str, new: str) -> None:
 # The order `dvc repro report` runs the stages in (its own topological order; the flow's is flows.pipeline.STAGES).
 WHOLE_CHAIN_DVC = ["ingest", "tokenizer", "lm_baselines", "pretrain_data", "pretrain", "finetune", "evaluate",
                    "attention", "optimize", "register", "report"]
-AFTER_FINETUNE_DVC = ["finetune", "evaluate", "attention", "optimize", "register", "report"]
 
 
 # ---------------------------------------------------------------- a real Prefect API and processes that use it

@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from tests.flow.conftest import AFTER_FINETUNE_DVC, WHOLE_CHAIN_DVC, mlflow_client, repro, set_param, sh, write_docs
+from tests.flow.conftest import WHOLE_CHAIN_DVC, mlflow_client, repro, set_param, sh, write_docs
 
 
 def test_repro_skips_and_reruns_exactly_what_changed(project):
@@ -38,16 +38,13 @@ def test_stale_dvc_deps_are_refused(project):
 
 
 def test_whole_chain_under_dvc(built_project, built):
-    project = built  # a copy of the session's project, after `dvc repro report` from nothing
+    """The session's project after `dvc repro report` from nothing, with every optional part on; then every
+    optional part off (the ablation, the baselines, the variants, the LSTM, report logging): the chain
+    re-runs exactly the stages those params belong to and their dependants, and still records."""
+    project = built  # a copy of the session's project
     assert built_project[1] == WHOLE_CHAIN_DVC
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
     assert repro(project, "report") == []
-    set_param(project, "finetune", "learning_rate", 0.0005)
-    assert repro(project, "report") == AFTER_FINETUNE_DVC
-    registered = json.loads((project / "reports" / "register.json").read_text())
-    assert (project / "mlruns" / "mlflow.db").is_file()
-    versions = mlflow_client(project).search_model_versions("name='tiny'")
-    assert [v.version for v in versions if v.tags.get("variant") == "fp32"] == [int(registered["version"]), 1]
     metrics = sh("dvc", "metrics", "show", "--json", cwd=project).stdout
     assert "test.accuracy" in metrics or '"accuracy"' in metrics
     plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=project).stdout)["data"]
@@ -56,30 +53,7 @@ def test_whole_chain_under_dvc(built_project, built):
                           "LSTM language model"}
     assert "mlm_accuracy" in json.dumps(plots["held-out MLM and NSP"])
 
-    # register has side effects: a params value it had before calls MLflow again (a new version), never
-    # DVC's run-cache, which would only have put back the old reports/register.json
-    for delta in (0.5, 0.0):
-        set_param(project, "register", "min_delta", delta)
-        out = sh("dvc", "repro", "register", cwd=project).stdout
-        assert "Running stage 'register'" in out and "is cached" not in out, out
-    again = json.loads((project / "reports" / "register.json").read_text())
-    classifiers = sorted(int(v.version) for v in mlflow_client(project).search_model_versions(
-        "name='tiny' and tags.variant='fp32'"))
-    assert len(classifiers) == 4 and classifiers[1] == int(registered["version"])  # two more, one per run
-    assert int(again["version"]) == classifiers[-1]
-
-
-def test_every_switch_off_under_dvc(built):
-    """Every optional part off (the ablation, the baselines, the variants, the LSTM, report logging):
-    the chain still reproduces and records; the session's built project ran it with all of them on."""
-    project = built
-    for section, key, value in [("finetune", "random_init_ablation", False), ("evaluate", "majority_baseline", False),
-                                ("evaluate", "tfidf_baseline", False), ("optimize", "variants", []),
-                                ("report", "log_to_mlflow", False)]:
-        set_param(project, section, key, value)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["lm_baselines"]["lstm"]["enabled"] = False
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    switch_everything_off(project)
     # attention reads only the classifier, which the ablation does not change: DVC rightly skips it
     assert repro(project, "report") == ["lm_baselines", "finetune", "evaluate", "optimize", "register", "report"]
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
@@ -90,3 +64,30 @@ def test_every_switch_off_under_dvc(built):
     assert json.loads((reports / "optimize.json").read_text())["variants"].keys() == {"fp32"}
     assert json.loads((reports / "report.json").read_text())["mlflow"]["logged"] is False
     assert (reports / "report.html").is_file()
+    registered = json.loads((reports / "register.json").read_text())
+    assert (project / "mlruns" / "mlflow.db").is_file()
+    versions = mlflow_client(project).search_model_versions("name='tiny'")
+    assert [v.version for v in versions if v.tags.get("variant") == "fp32"] == [int(registered["version"]), 1]
+    assert registered["variants"] == {}  # no variant built, none registered
+
+    # register has side effects: a params value it had before calls MLflow again (a new version), never
+    # DVC's run-cache, which would only have put back the old reports/register.json
+    for delta in (0.5, 0.0):
+        set_param(project, "register", "min_delta", delta)
+        out = sh("dvc", "repro", "register", cwd=project).stdout
+        assert "Running stage 'register'" in out and "is cached" not in out, out
+    again = json.loads((reports / "register.json").read_text())
+    classifiers = sorted(int(v.version) for v in mlflow_client(project).search_model_versions(
+        "name='tiny' and tags.variant='fp32'"))
+    assert len(classifiers) == 4 and classifiers[1] == int(registered["version"])  # two more, one per run
+    assert int(again["version"]) == classifiers[-1]
+
+
+def switch_everything_off(project) -> None:
+    for section, key, value in [("finetune", "random_init_ablation", False), ("evaluate", "majority_baseline", False),
+                                ("evaluate", "tfidf_baseline", False), ("optimize", "variants", []),
+                                ("report", "log_to_mlflow", False)]:
+        set_param(project, section, key, value)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["lm_baselines"]["lstm"]["enabled"] = False
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
