@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -95,18 +96,45 @@ def test_dvc_yaml_and_params_yaml_are_in_step_with_the_code():
     assert check.returncode == 0, check.stderr
 
 
-@pytest.mark.parametrize("name", stages.PIPELINE)  # one test per stage: make test's workers share them
-def test_every_stage_depends_on_every_project_module_it_loads(name):
+# One process imports the third-party libraries the stages use, then forks a child per stage that
+# imports tasks.cli and the stage afresh and writes the project files it loaded: what Python really
+# imports for each stage, for one import of torch and transformers instead of one per stage.
+LOADED = r"""
+import json, os, sys
+from pathlib import Path
+import numpy, pandas, pyarrow, tokenizers, torch, mlflow, sklearn.metrics, sklearn.linear_model
+import sklearn.feature_extraction.text, transformers.models.bert.modeling_bert
+out, repo = Path(sys.argv[1]), Path.cwd().resolve()
+for name in sys.argv[2:]:
+    pid = os.fork()
+    if pid == 0:
+        import importlib
+        importlib.import_module("tasks.cli")
+        importlib.import_module(f"tasks.{name}")
+        files = {Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
+        (out / name).write_text(json.dumps(sorted(f.relative_to(repo).as_posix() for f in files
+                                                  if f.is_relative_to(repo))))
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0, f"importing tasks.{name} failed"
+"""
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory) -> dict[str, set[str]]:
+    """Stage name -> the project files (relative to the repository) its process loads."""
+    out = tmp_path_factory.mktemp("loaded")
+    subprocess.run([sys.executable, "-c", LOADED, str(out), *stages.PIPELINE], cwd=REPO, check=True, timeout=600)
+    return {name: set(json.loads((out / name).read_text())) for name in stages.PIPELINE}
+
+
+@pytest.mark.xdist_group("structure")  # one worker, so the module's one importing process serves every stage
+@pytest.mark.parametrize("name", stages.PIPELINE)
+def test_every_stage_depends_on_every_project_module_it_loads(name, loaded):
     """The AST closure holds at least what Python really imports for the stage (and the lazy imports besides)."""
-    code = (f"import sys, tasks.cli, tasks.{name}; print('\\n'.join(m.__file__ for m in list(sys.modules.values()) "
-            "if getattr(m, '__file__', None)))")
-    files = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
-    loaded = {Path(f).resolve().relative_to(REPO).as_posix() for f in files
-              if Path(f).resolve().is_relative_to(REPO) and Path(f).resolve().parts[len(REPO.parts)]
-              in dvc_sync.PACKAGES}
+    project = {f for f in loaded[name] if f.split("/")[0] in dvc_sync.PACKAGES}
+    assert f"tasks/{name}.py" in project  # the child really imported the stage
     deps = set(dvc_document()["stages"][name]["deps"])
-    assert loaded <= deps, f"stage {name} loads {sorted(loaded - deps)} without depending on them"
+    assert project <= deps, f"stage {name} loads {sorted(project - deps)} without depending on them"
     assert {f"tasks/{name}.py", "tasks/cli.py", "bertflow/params.py"} <= deps
 
 
