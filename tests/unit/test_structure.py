@@ -119,7 +119,7 @@ for name in sys.argv[2:]:
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # a module fixture is set up again when xdist interleaves modules
 def loaded(tmp_path_factory) -> dict[str, set[str]]:
     """Stage name -> the project files (relative to the repository) its process loads."""
     out = tmp_path_factory.mktemp("loaded")
@@ -127,7 +127,7 @@ def loaded(tmp_path_factory) -> dict[str, set[str]]:
     return {name: set(json.loads((out / name).read_text())) for name in stages.PIPELINE}
 
 
-@pytest.mark.xdist_group("structure")  # one worker, so the module's one importing process serves every stage
+@pytest.mark.xdist_group("structure")  # one worker, so one importing process serves every stage
 @pytest.mark.parametrize("name", stages.PIPELINE)
 def test_every_stage_depends_on_every_project_module_it_loads(name, loaded):
     """The AST closure holds at least what Python really imports for the stage (and the lazy imports besides)."""
