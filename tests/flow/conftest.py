@@ -53,27 +53,35 @@ def classifier_versions(project: Path, name: str = "tiny") -> list[int]:
         f"name='{name}' and tags.variant='fp32'"))
 
 
-def set_param(project: Path, section: str, key: str, value) -> None:
+def set_params(project: Path, changes: list[tuple[str, str, object]]) -> Path:
+    """(section, key, value) changes to params.yaml in one read and one write; a dotted key reaches into a
+    sub-section (``("lm_baselines", "lstm.enabled", False)``)."""
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params[section][key] = value
+    for section, key, value in changes:
+        *parents, leaf = key.split(".")
+        target = params[section]
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
+
+
+def set_param(project: Path, section: str, key: str, value) -> None:
+    set_params(project, [(section, key, value)])
 
 
 # The optional parts a test of orchestration does not look at (the ablation, the baselines, all variants
-# but int8, report logging), switched off where a test re-runs finetune onward anyway: each re-run then
-# costs about a third less. Every part stays covered: the built project runs them all, and
-# test_whole_chain_under_dvc switches them off. int8 stays so register logs one variant after the
+# but int8, report logging), switched off by the crash test, whose runs re-run pretrain_data onward four
+# times: each re-run then costs about a third less. Every part stays covered: the built project runs them
+# all, and test_whole_chain_under_dvc switches them off. int8 stays so register logs one variant after the
 # classifier's version (the crash test kills register in that window).
 LEAN = [("finetune", "random_init_ablation", False), ("evaluate", "majority_baseline", False),
         ("evaluate", "tfidf_baseline", False), ("optimize", "variants", ["int8"]), ("report", "log_to_mlflow", False)]
 
 
 def lean(project: Path) -> Path:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for section, key, value in LEAN:
-        params[section][key] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return project
+    return set_params(project, LEAN)
 
 
 @pytest.fixture

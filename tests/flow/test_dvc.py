@@ -4,7 +4,12 @@ import json
 
 import yaml
 
-from tests.flow.conftest import WHOLE_CHAIN_DVC, mlflow_client, repro, set_param, sh, write_docs
+from tests.flow.conftest import WHOLE_CHAIN_DVC, mlflow_client, repro, set_param, set_params, sh, write_docs
+
+# Every optional part: the random-init ablation, both baselines, every variant, the LSTM, report logging.
+EVERY_PART_OFF = [("finetune", "random_init_ablation", False), ("evaluate", "majority_baseline", False),
+                  ("evaluate", "tfidf_baseline", False), ("optimize", "variants", []),
+                  ("lm_baselines", "lstm.enabled", False), ("report", "log_to_mlflow", False)]
 
 
 def test_repro_skips_and_reruns_exactly_what_changed(project):
@@ -53,7 +58,7 @@ def test_whole_chain_under_dvc(built_project, built):
                           "LSTM language model"}
     assert "mlm_accuracy" in json.dumps(plots["held-out MLM and NSP"])
 
-    switch_everything_off(project)
+    set_params(project, EVERY_PART_OFF)
     # attention reads only the classifier, which the ablation does not change: DVC rightly skips it
     assert repro(project, "report") == ["lm_baselines", "finetune", "evaluate", "optimize", "register", "report"]
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
@@ -81,13 +86,3 @@ def test_whole_chain_under_dvc(built_project, built):
         "name='tiny' and tags.variant='fp32'"))
     assert len(classifiers) == 4 and classifiers[1] == int(registered["version"])  # two more, one per run
     assert int(again["version"]) == classifiers[-1]
-
-
-def switch_everything_off(project) -> None:
-    for section, key, value in [("finetune", "random_init_ablation", False), ("evaluate", "majority_baseline", False),
-                                ("evaluate", "tfidf_baseline", False), ("optimize", "variants", []),
-                                ("report", "log_to_mlflow", False)]:
-        set_param(project, section, key, value)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["lm_baselines"]["lstm"]["enabled"] = False
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

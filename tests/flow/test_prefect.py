@@ -19,6 +19,7 @@ from tests.flow.conftest import (
     mlflow_client,
     repro,
     set_param,
+    set_params,
     sh,
     stop,
 )
@@ -70,9 +71,8 @@ def test_flow_and_dvc_repro_keep_one_record(built, prefect_api, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert ran(flow_state(project)) == []
     set_param(project, "pretrain", "seed", 7)  # pretraining and everything after it run under the flow
-    for section, key, value in [("finetune", "random_init_ablation", False), ("evaluate", "majority_baseline", False),
-                                ("optimize", "variants", ["int8"])]:
-        set_param(project, section, key, value)  # parts of stages that re-run anyway, not looked at here
+    set_params(project, [("finetune", "random_init_ablation", False), ("evaluate", "majority_baseline", False),
+                         ("optimize", "variants", ["int8"])])  # parts of stages that re-run anyway, not looked at
     first = flow_state(project)
     assert first.is_completed(), first.message
     assert ran(first) == STAGES[STAGES.index("pretrain"):]
@@ -221,10 +221,9 @@ def test_served_deployment_and_dvc_repro_keep_one_record(built, prefect_api, tmp
     The changes are evaluate's (evaluate, register and report re-run): what the deployment runs is the
     same flow whichever stage a change reaches, and test_flow_and_dvc_repro_keep_one_record runs training
     under the flow."""
-    project = built
-    for section, key, value in [("evaluate", "heldout_instances", 7), ("evaluate", "majority_baseline", False),
-                                ("evaluate", "tfidf_baseline", False), ("report", "log_to_mlflow", False)]:
-        set_param(project, section, key, value)  # the baselines and the report's logging: not looked at here
+    # heldout_instances re-runs evaluate onward; the baselines and the report's logging: not looked at here
+    project = set_params(built, [("evaluate", "heldout_instances", 7), ("evaluate", "majority_baseline", False),
+                                 ("evaluate", "tfidf_baseline", False), ("report", "log_to_mlflow", False)])
     assert repro(project, "report") == AFTER_EVALUATE
     lock = (project / "dvc.lock").read_text()
     env = api_env(prefect_api, tmp_path)

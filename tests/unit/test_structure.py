@@ -104,16 +104,16 @@ import json, os, sys
 from pathlib import Path
 import numpy, pandas, pyarrow, tokenizers, torch, mlflow, sklearn.metrics, sklearn.linear_model
 import sklearn.feature_extraction.text, transformers.models.bert.modeling_bert
-out, repo = Path(sys.argv[1]), Path.cwd().resolve()
-for name in sys.argv[2:]:
+out, packages, repo = Path(sys.argv[1]), sys.argv[2].split(","), Path.cwd().resolve()
+for name in sys.argv[3:]:
     pid = os.fork()
     if pid == 0:
         import importlib
         importlib.import_module("tasks.cli")
         importlib.import_module(f"tasks.{name}")
         files = {Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
-        (out / name).write_text(json.dumps(sorted(f.relative_to(repo).as_posix() for f in files
-                                                  if f.is_relative_to(repo))))
+        ours = [f.relative_to(repo) for f in files if f.is_relative_to(repo)]
+        (out / name).write_text(json.dumps(sorted(f.as_posix() for f in ours if f.parts[0] in packages)))
         os._exit(0)
     assert os.waitpid(pid, 0)[1] == 0, f"importing tasks.{name} failed"
 """
@@ -121,9 +121,10 @@ for name in sys.argv[2:]:
 
 @pytest.fixture(scope="session")  # a module fixture is set up again when xdist interleaves modules
 def loaded(tmp_path_factory) -> dict[str, set[str]]:
-    """Stage name -> the project files (relative to the repository) its process loads."""
+    """Stage name -> the project files (bertflow/, tasks/, flows/; relative to the repository) its process loads."""
     out = tmp_path_factory.mktemp("loaded")
-    subprocess.run([sys.executable, "-c", LOADED, str(out), *stages.PIPELINE], cwd=REPO, check=True, timeout=600)
+    subprocess.run([sys.executable, "-c", LOADED, str(out), ",".join(dvc_sync.PACKAGES), *stages.PIPELINE], cwd=REPO,
+                   check=True, timeout=600)
     return {name: set(json.loads((out / name).read_text())) for name in stages.PIPELINE}
 
 
@@ -131,10 +132,9 @@ def loaded(tmp_path_factory) -> dict[str, set[str]]:
 @pytest.mark.parametrize("name", stages.PIPELINE)
 def test_every_stage_depends_on_every_project_module_it_loads(name, loaded):
     """The AST closure holds at least what Python really imports for the stage (and the lazy imports besides)."""
-    project = {f for f in loaded[name] if f.split("/")[0] in dvc_sync.PACKAGES}
-    assert f"tasks/{name}.py" in project  # the child really imported the stage
+    assert f"tasks/{name}.py" in loaded[name]  # the child really imported the stage
     deps = set(dvc_document()["stages"][name]["deps"])
-    assert project <= deps, f"stage {name} loads {sorted(project - deps)} without depending on them"
+    assert loaded[name] <= deps, f"stage {name} loads {sorted(loaded[name] - deps)} without depending on them"
     assert {f"tasks/{name}.py", "tasks/cli.py", "bertflow/params.py"} <= deps
 
 
