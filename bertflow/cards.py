@@ -1,9 +1,13 @@
 """The model card: the Markdown description of a registered version (figures, variants, lineage).
 
-Pure: reports and params in, Markdown out.
+Pure: reports and params in, Markdown out. ``comparisons`` is also the run report's reading of
+evaluate's McNemar tests, so the card and the page say the same thing.
 """
 
 from __future__ import annotations
+
+BASELINES = {"random_init": "random init (no pretraining)", "majority": "majority class",
+             "tfidf_logreg": "TF-IDF + logistic regression"}
 
 
 def model_card(name: str, version: str | None, params: dict, reports: dict, lineage: dict, decision: str,
@@ -46,11 +50,52 @@ def model_card(name: str, version: str | None, params: dict, reports: dict, line
         f"| this model | {test.get('accuracy', '?')} | {test.get('macro_f1', '?')} |",
         *[f"| baseline: {key} | {value.get('accuracy')} | {value.get('macro_f1')} |"
           for key, value in baselines.items()], "",
+        *comparison_lines(evaluation),
         *variant_table(reports.get("optimize", {})),
         "## Lineage", "",
         *[f"- {key}: `{value}`" for key, value in sorted(lineage.items())], "",
     ]
     return "\n".join(lines)
+
+
+def interval_text(test: dict) -> str:
+    """The accuracy in percent with its bootstrap interval when evaluate recorded one: "80.2 % [77.5, 82.8]"."""
+    interval = test.get("accuracy_interval")
+    accuracy = f"{100 * test['accuracy']:.1f} %"
+    return f"{accuracy} [{100 * interval['lower']:.1f}, {100 * interval['upper']:.1f}]" if interval else accuracy
+
+
+def comparisons(evaluation: dict) -> list[tuple[str, dict, str]]:
+    """(classifier vs baseline accuracies, McNemar figures, verdict) for each baseline evaluate tested."""
+    test = evaluation.get("test", {})
+    if "accuracy" not in test:
+        return []
+    found = []
+    for key, figures in evaluation.get("baselines", {}).items():
+        if "mcnemar" in figures:
+            name = BASELINES.get(key, key)
+            verdict = {"classifier": "classifier better", "baseline": f"{name} better"}.get(
+                figures["mcnemar"]["better"], "no difference at 5 %")
+            found.append((f"classifier {interval_text(test)} vs {name} {100 * figures['accuracy']:.1f} %",
+                          figures["mcnemar"], verdict))
+    return found
+
+
+def comparison_lines(evaluation: dict) -> list[str]:
+    """The card's lines on the interval and the McNemar tests (none for a report from before them)."""
+    test = evaluation.get("test", {})
+    interval = test.get("accuracy_interval")
+    if not interval:
+        return []
+    lines = [f"Test accuracy {interval_text(test)}: {100 * interval['level']:.0f} % percentile bootstrap interval, "
+             f"{interval['resamples']:,} resamples of the {evaluation.get('test_rows', '?')} test rows.", ""]
+    found = comparisons(evaluation)
+    if found:
+        lines += ["Exact McNemar tests on the rows where classifier and baseline disagree (b: only the classifier "
+                  "right, c: only the baseline right):", ""]
+        lines += [f"- {pair}: McNemar p = {figures['p_value']:.2g} (b = {figures['b']}, c = {figures['c']}), "
+                  f"{verdict}." for pair, figures, verdict in found]
+    return [*lines, ""]
 
 
 def variant_table(optimize: dict) -> list[str]:

@@ -232,6 +232,9 @@ class EvaluateParams(Section):
     tfidf_c: float = Field(16.0, gt=0, description="inverse regularisation strength of the logistic regression")
     heldout_instances: int | None = Field(None, ge=1, description="held-out pretraining instances to score (null: all)")
     num_threads: int | None = Field(2, ge=1, description="fixed, so figures are identical from run to run")
+    bootstrap_resamples: int = Field(10_000, ge=100, description="resamples of the test rows for the 95 % "
+                                     "percentile interval of the classifier's accuracy")
+    bootstrap_seed: int = Field(0, description="seed of those resamples: the same seed, the same interval")
 
 
 class AttentionSentence(Section):

@@ -3,8 +3,10 @@
 Reads: ``artifacts/classifier``, ``artifacts/ablation`` (the random-init classifier, when built),
 ``artifacts/pretrained``, ``data/labeled/{train,test}.parquet``, ``data/pretrain/heldout``.
 Writes: ``reports/evaluate/`` (``predictions.csv`` with id, text, label, predicted and per-class
-scores; ``confusion.json``; ``confusion.png``) and ``reports/evaluate.json``. Everything runs in
-fp32 with a fixed thread count, so two runs give identical figures. Run: ``bertflow evaluate``.
+scores; ``confusion.json``; ``confusion.png``) and ``reports/evaluate.json``, where the test accuracy
+carries a seeded 95 % bootstrap interval and each baseline McNemar's exact test against the classifier
+on the same rows (``bertflow/statistics.py``). Everything runs in fp32 with a fixed thread count, so
+two runs give identical figures. Run: ``bertflow evaluate``.
 """
 
 from __future__ import annotations
@@ -25,20 +27,26 @@ from bertflow.metrics import classification_report, headline, softmax
 from bertflow.model import load_classifier
 from bertflow.params import EvaluateParams
 from bertflow.paths import Paths
+from bertflow.statistics import accuracy_interval, mcnemar
 from bertflow.tokenization import load_tokenizer
 
 # ---------------------------------------------------------------- figures (pure)
 
 
-def majority_baseline(train_labels: list[int], test_labels: np.ndarray, names: list[str]) -> dict:
+def majority_baseline(train_labels: list[int], test_labels: np.ndarray, names: list[str]) -> tuple[dict, np.ndarray]:
+    """Headline figures and per-row predictions of always predicting the most frequent train label."""
     majority = int(np.bincount(train_labels).argmax())
     predicted = np.full_like(test_labels, majority)
-    return {"predicts": names[majority], **headline(classification_report(test_labels, predicted, None, names))}
+    figures = {"predicts": names[majority], **headline(classification_report(test_labels, predicted, None, names))}
+    return figures, predicted
 
 
 def tfidf_baseline(train: tuple[list[str], list[int]], test: tuple[list[str], np.ndarray], names: list[str],
-                   params: EvaluateParams) -> dict:
-    """TF-IDF (sublinear tf, word n-grams, or character n-grams for unsegmented text) + logistic regression."""
+                   params: EvaluateParams) -> tuple[dict, np.ndarray]:
+    """TF-IDF (sublinear tf, word n-grams, or character n-grams for unsegmented text) + logistic regression.
+
+    Returns the headline figures and the per-row predictions on the test split.
+    """
     vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, params.tfidf_ngram_max),
                                  analyzer=params.tfidf_analyzer)
     features = vectorizer.fit_transform(train[0])
@@ -46,7 +54,14 @@ def tfidf_baseline(train: tuple[list[str], list[int]], test: tuple[list[str], np
     test_features = vectorizer.transform(test[0])
     predicted = classifier.predict(test_features)
     scores = classifier.predict_proba(test_features)
-    return headline(classification_report(test[1], predicted, scores, names))
+    return headline(classification_report(test[1], predicted, scores, names)), predicted
+
+
+def against(labels: np.ndarray, predicted: np.ndarray, baselines: dict[str, tuple[dict, np.ndarray]]) -> dict:
+    """Each baseline's figures with McNemar's exact test of the classifier's ``predicted`` against it."""
+    correct = predicted == labels
+    return {name: {**figures, "mcnemar": mcnemar(correct, guesses == labels)}
+            for name, (figures, guesses) in baselines.items()}
 
 
 # ---------------------------------------------------------------- outputs
@@ -116,20 +131,32 @@ def evaluate_pretrained(paths: Paths, params: EvaluateParams) -> dict:
             "instances": figures["instances"]}
 
 
+def score_baselines(paths: Paths, params: EvaluateParams, train: tuple[list[str], list[int]],
+                    test: tuple[list[str], list[int]], names: list[str]) -> dict[str, tuple[dict, np.ndarray]]:
+    """Each baseline that is on (and the random-init ablation, when built): headline figures, per-row predictions."""
+    found = {}
+    random_init = paths.ablation / "random_init"
+    if (random_init / "config.json").is_file():
+        report, scores = evaluate_classifier(random_init, test, params, names)
+        found["random_init"] = headline(report), scores.argmax(1)
+    if params.majority_baseline:
+        found["majority"] = majority_baseline(train[1], np.array(test[1]), names)
+    if params.tfidf_baseline:
+        found["tfidf_logreg"] = tfidf_baseline(train, (test[0], np.array(test[1])), names, params)
+    return found
+
+
 def run(params: EvaluateParams, paths: Paths) -> dict:
     tr.set_threads(params.num_threads)
     torch.manual_seed(0)
     names = read_json(paths.labeled / "labels.json")["labels"]
     train, test = read_split(paths, "train"), read_split(paths, "test")
     report, scores = evaluate_classifier(paths.classifier, test, params, names)
-    figures = {"test": report, "test_rows": len(test[1]), "baselines": {}}
-    random_init = paths.ablation / "random_init"
-    if (random_init / "config.json").is_file():
-        figures["baselines"]["random_init"] = headline(evaluate_classifier(random_init, test, params, names)[0])
-    if params.majority_baseline:
-        figures["baselines"]["majority"] = majority_baseline(train[1], np.array(test[1]), names)
-    if params.tfidf_baseline:
-        figures["baselines"]["tfidf_logreg"] = tfidf_baseline(train, (test[0], np.array(test[1])), names, params)
+    labels, predicted = np.array(test[1]), scores.argmax(1)
+    report["accuracy_interval"] = accuracy_interval(predicted == labels, params.bootstrap_resamples,
+                                                    params.bootstrap_seed)
+    baselines = score_baselines(paths, params, train, test, names)
+    figures = {"test": report, "test_rows": len(test[1]), "baselines": against(labels, predicted, baselines)}
     figures["pretrained_heldout"] = evaluate_pretrained(paths, params)
     with atomic_dirs([paths.reports / "evaluate"]) as (folder,):
         write_predictions(folder / "predictions.csv", test[0], np.array(test[1]), scores, names)

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from bertflow import stages, tracking
+from bertflow.cards import comparisons, interval_text
 from bertflow.io import read_column, write_text
 from bertflow.pages import cards, esc, image, line_chart, number, page, table
 from bertflow.params import Params
@@ -176,7 +177,7 @@ def evaluation_section(reports: dict, paths: Paths) -> str:
     rows += [[names.get(key, key), f.get("accuracy"), f.get("macro_f1"), f.get("roc_auc", "–")]
              for key, f in evaluation.get("baselines", {}).items()]
     body = (f"<p>Test split: {number(evaluation.get('test_rows', '–'))} rows.</p>"
-            + table(["model", "accuracy", "macro-F1", "ROC-AUC"], rows))
+            + table(["model", "accuracy", "macro-F1", "ROC-AUC"], rows) + comparison_section(evaluation))
     body += "<h3>Per class</h3>" + table(
         ["label", "precision", "recall", "F1", "support"],
         [[name, f["precision"], f["recall"], f["f1"], f["support"]] for name, f in test.get("per_class", {}).items()])
@@ -184,6 +185,22 @@ def evaluation_section(reports: dict, paths: Paths) -> str:
     if confusion.is_file():
         body += image(confusion.read_bytes(), "confusion matrix", "test confusion matrix (rows: true label)")
     return body
+
+
+def comparison_section(evaluation: dict) -> str:
+    """The accuracy's bootstrap interval and one row per baseline's McNemar test (nothing for older reports)."""
+    test = evaluation.get("test", {})
+    interval = test.get("accuracy_interval")
+    if not interval:
+        return ""
+    body = (f"<h3>Is the difference real?</h3><p>Test accuracy {esc(interval_text(test))}: the "
+            f"{100 * interval['level']:.0f} % percentile bootstrap interval ({number(interval['resamples'])} "
+            f"resamples of the test rows, seed {number(interval['seed'])}). McNemar's exact test looks only at "
+            "the rows where the classifier and a baseline disagree.</p>")
+    rows = [[pair, figures["b"], figures["c"], figures["p_value"], verdict]
+            for pair, figures, verdict in comparisons(evaluation)]
+    return body + (table(["accuracy: classifier vs baseline", "only the classifier right (b)",
+                          "only the baseline right (c)", "exact McNemar p", "verdict"], rows) if rows else "")
 
 
 def language_models_section(reports: dict, paths: Paths) -> str:

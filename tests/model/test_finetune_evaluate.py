@@ -91,8 +91,29 @@ def test_evaluate_figures_match_its_saved_predictions(tiny_trained):
     assert all(abs(sum(float(p[f"score_{label}"]) for label in labels) - 1) < 1e-5 for p in predictions)
     assert set(figures["baselines"]) == {"majority", "tfidf_logreg", "random_init"}
     assert figures["baselines"]["majority"]["accuracy"] == round(444 / 872, 5)
+    assert_honest_comparisons(figures, predictions)
     assert 0 < figures["pretrained_heldout"]["mlm_accuracy"] < 1 and figures["pretrained_heldout"]["mlm_perplexity"] > 1
     assert (tiny_trained / "reports" / "evaluate" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def assert_honest_comparisons(figures, predictions):
+    """The accuracy's bootstrap interval is sane; each McNemar test's counts agree with the accuracies."""
+    accuracy, rows = figures["test"]["accuracy"], len(predictions)
+    interval = figures["test"]["accuracy_interval"]
+    assert (interval["level"], interval["resamples"], interval["seed"]) == (0.95, 10_000, 0)
+    assert interval["lower"] < accuracy < interval["upper"]
+    half = 1.96 * (accuracy * (1 - accuracy) / rows) ** 0.5  # the normal approximation
+    assert (interval["upper"] - interval["lower"]) / 2 == pytest.approx(half, rel=0.15)
+    for name, baseline in figures["baselines"].items():
+        test = baseline["mcnemar"]
+        assert (test["b"] - test["c"]) / rows == pytest.approx(accuracy - baseline["accuracy"], abs=2e-5), name
+        assert 0 < test["p_value"] <= 1 and test["better"] in ("classifier", "baseline", "neither at 5 %"), name
+        assert (test["better"] == "neither at 5 %") == (test["p_value"] >= 0.05), name
+    majority = figures["baselines"]["majority"]
+    right = [p["label"] == p["predicted"] for p in predictions]
+    is_majority = [p["label"] == majority["predicts"] for p in predictions]
+    assert majority["mcnemar"]["b"] == sum(r and not m for r, m in zip(right, is_majority, strict=True))
+    assert majority["mcnemar"]["c"] == sum(m and not r for r, m in zip(right, is_majority, strict=True))
 
 
 def test_evaluate_is_deterministic(tiny_trained, tmp_path):

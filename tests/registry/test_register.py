@@ -171,6 +171,7 @@ def test_register_tracks_gates_and_serves(trained_copy, monkeypatch, caplog):
     version = client.get_model_version("bertflow-tiny", "1")
     assert version.tags["gate.decision"] == CHAMPION and version.tags["gate.reason"] == "no champion yet"
     assert "## Evaluation" in version.description and "## Lineage" in version.description
+    assert "% percentile bootstrap interval, " in version.description and "McNemar p = " in version.description
 
     # a second registration of the same model does not beat the champion: challenger only; `fast`,
     # gone (as for a champion registered before the optimize stage existed), comes back on the champion

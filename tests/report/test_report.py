@@ -48,6 +48,8 @@ def test_report_has_every_section_and_is_logged_to_the_mlflow_run(reported):
     assert "http://" not in page and "https://" not in page and "<script" not in page  # self-contained
     assert page.count('src="data:image/png;base64,') == figures["images"]
     for text in ("pseudo-perplexity", "interpolated Kneser-Ney", "ablation: no pretraining",
+                 "Is the difference real?", "% percentile bootstrap interval", "exact McNemar p",
+                 "vs TF-IDF + logistic regression",
                  "onnx_int8", "models:/bertflow-tiny/", "git commit", "dvc.lock md5", "Prefect flow run",
                  "s on the CPU, "):  # where pretraining ran (the tiny profile pins the CPU)
         assert text in page, text
