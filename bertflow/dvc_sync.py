@@ -24,7 +24,7 @@ from ruamel.yaml import YAML
 
 from bertflow import stages
 from bertflow.io import InputError
-from bertflow.params import IngestParams, Params, fill_defaults, load_params, missing_fields
+from bertflow.params import HF_PREFIX, IngestParams, Params, fill_defaults, load_params, missing_fields
 
 PACKAGES = ("bertflow", "tasks", "flows")  # the project's own code; everything else is a library
 ENTRY = "tasks/cli.py"  # `bertflow <stage>`: it runs before, around and after every stage
@@ -95,7 +95,26 @@ def data_deps(params: IngestParams, dvc_dir: Path) -> list[str]:
     """Local corpus sources and labeled files, relative to the dvc.yaml folder, in params order, as written."""
     paths = [source.path for source in params.corpus.sources if not source.is_hf]
     paths += [p for p in (params.labeled.train, params.labeled.dev, params.labeled.test) if p]
+    return relative(paths, dvc_dir)
+
+
+def relative(paths: list[str], dvc_dir: Path) -> list[str]:
     return [os.path.relpath(path, os.path.abspath(dvc_dir)) for path in dict.fromkeys(paths)]
+
+
+# the stages that read a checkpoint named in params, and the params key that names it
+CHECKPOINT_READERS = {"tokenizer": "pretrain.init", "pretrain": "pretrain.init", "finetune": "finetune.init"}
+PIPELINE_FOLDERS = ("data", "artifacts", "reports")  # where the stages' own outputs live
+
+
+def checkpoint_deps(stage: str, params: Params, dvc_dir: Path) -> list[str]:
+    """The local checkpoint folder a stage starts from (an hf: id is a param, its revision pinned there)."""
+    key = CHECKPOINT_READERS.get(stage)
+    if key is None:
+        return []
+    section, field = key.split(".")
+    spec = getattr(getattr(params, section), field)
+    return [] if spec in ("scratch", "pretrained") or spec.startswith(HF_PREFIX) else relative([spec], dvc_dir)
 
 
 # ---------------------------------------------------------------- what dvc.yaml should say
@@ -154,10 +173,13 @@ def _stage_entry(document: dict, name: str, dvc_yaml: Path) -> dict:
 
 
 def wanted_deps(entry: dict, stage: str, root: Path, params: Params) -> list[str]:
-    """Data deps first (ingest's from params, the others' as written), then the code deps."""
+    """Data deps first (ingest's from params; the others' outputs of earlier stages as written, then a
+    checkpoint named in params), then the code deps."""
     written = [str(dep) for dep in entry.get("deps", [])]
-    data = data_deps(params.ingest, root) if stage == "ingest" else [d for d in written if not is_code(d)]
-    return data + code_deps(root, stage)
+    if stage == "ingest":
+        return data_deps(params.ingest, root) + code_deps(root, stage)
+    pipeline = [d for d in written if d.split("/")[0] in PIPELINE_FOLDERS]
+    return pipeline + checkpoint_deps(stage, params, root) + code_deps(root, stage)
 
 
 def _outputs(entry: dict) -> list[dict]:

@@ -145,6 +145,10 @@ class BudgetFields(Section):
 
 
 class PretrainParams(BudgetFields):
+    init: str = Field(
+        "scratch", description="scratch (random weights, sizes from pretrain.model), or a BERT checkpoint to "
+        "continue from: a local save_pretrained folder or hf:<repo id>[@revision] (sizes and vocabulary then come "
+        "from it; the tokenizer stage adopts its vocabulary)")
     model: BertModelParams = BertModelParams()
     batch_size: int = Field(64, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -167,6 +171,11 @@ class PretrainParams(BudgetFields):
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 42
     num_threads: int | None = Field(None, ge=1)
+
+    @field_validator("init")
+    @classmethod
+    def _init_exists(cls, value: str, info: ValidationInfo) -> str:
+        return value if value == "scratch" else _check_local_path(value, info)
 
 
 class BigramParams(Section):

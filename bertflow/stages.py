@@ -18,7 +18,7 @@ class Stage:
     params: tuple[str, ...]  # the params.yaml sections (or dotted keys) it reads: its ``params`` in dvc.yaml
     distributed: bool = False  # re-runs itself under torchrun when ``distributed`` asks for more processes
     pooled: bool = False  # may go to the training work pool (``distributed.work_pool``)
-    whole_params: bool = False  # ``run`` takes every section (it logs or shows them), not only its own
+    whole_params: bool = False  # ``run`` takes every section (it logs or shows them, or reads another's key)
     side_effects: bool = False  # writes outside its outputs (MLflow): never restored from DVC's run-cache
 
     @property
@@ -28,7 +28,8 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "read sources and labeled data into data/corpus and data/labeled", ("ingest",)),
-    Stage("tokenizer", "train the WordPiece vocabulary into artifacts/tokenizer", ("tokenizer",)),
+    Stage("tokenizer", "train the WordPiece vocabulary (or adopt pretrain.init's) into artifacts/tokenizer",
+          ("tokenizer", "pretrain.init"), whole_params=True),
     Stage("lm_baselines", "bigram (Kneser-Ney) and LSTM language models: held-out perplexity over the word pieces",
           ("lm_baselines",)),
     Stage("pretrain_data", "build NSP pairs and MLM masks into data/pretrain", ("pretrain_data",)),

@@ -1,6 +1,7 @@
 """Stage pretrain: BERT masked-language-model + next-sentence-prediction pretraining.
 
-Reads: ``data/pretrain/{train,heldout}/*.arrow`` + ``info.json`` and ``artifacts/tokenizer``.
+Reads: ``data/pretrain/{train,heldout}/*.arrow`` + ``info.json``, ``artifacts/tokenizer``, and the
+``pretrain.init`` checkpoint when pretraining continues from one (a folder, or hf: through the hub cache).
 Writes: ``artifacts/pretrained/`` (``save_pretrained`` layout, safetensors, plus the tokenizer),
 ``artifacts/pretrain_checkpoints/`` (resumable state; persistent across runs), the curves
 ``reports/pretrain/{train,eval}.csv`` and ``reports/pretrain.json``.
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bertflow import checkpoints as ck
 from bertflow import distributed as dd
 from bertflow import training as tr
 from bertflow.io import InputError, atomic_dirs, read_json
@@ -26,6 +28,7 @@ from bertflow.masking import masking_spec
 from bertflow.model import (
     PretrainingOutput,
     check_positions,
+    check_vocab,
     compiled_masked_lm_loss,
     construct_config,
     construct_pretraining_model,
@@ -84,6 +87,7 @@ class LoopState:
     cursor: int = 0  # next position in this epoch's order (of global batches)
     seconds: float = 0.0  # training time so far (not counting time spent dead after a crash)
     tokens: int = 0  # non-padding tokens, all processes together
+    heldout_at_start: dict = field(default_factory=dict)  # the held-out figures before the first step
 
 
 def next_indices(state: LoopState, batches: PretrainBatches, size: int, order_cache: dict) -> list[int]:
@@ -116,6 +120,8 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
     last_eval: dict = {}
     bar = tqdm(total=1000, desc="pretrain", unit="‰", mininterval=2, disable=None if world.main else True,
                initial=int(1000 * budget.progress(state.step, state.seconds)))
+    if state.step == 0:  # what the starting weights score: what pretraining buys is measured from here
+        state.heldout_at_start = _evaluate_and_log(model, eval_batches, params, state, eval_log, settings)
     model.train()
     while budget.progress(state.step, state.seconds) < 1.0:
         started = time.perf_counter()
@@ -216,12 +222,11 @@ def run(params: PretrainParams, paths: Paths) -> dict:
     tokenizer = load_tokenizer(paths.tokenizer)
     train_batches, eval_batches, info = load_data(paths, tokenizer, params)
     dd.check_split(params.batch_size, world, "pretrain.batch_size")
-    config = construct_config(params.model, len(tokenizer), tokenizer.pad_token_id)
-    check_positions(config, info["params"]["max_seq_length"], "pretrain.model.max_position_embeddings")
-    model = construct_pretraining_model(config, params.seed, params.attention).to(world.device)
+    model, config, start = starting_model(params, tokenizer, info["params"]["max_seq_length"])
+    model = model.to(world.device)
     optimizer = tr.adamw(model, params.learning_rate, params.weight_decay, betas=tuple(params.adam_betas),
                          eps=params.adam_epsilon)
-    fingerprint = run_fingerprint(params, config, info)
+    fingerprint = run_fingerprint(params, config, info, start)
     store = tr.CheckpointStore(paths.pretrain_checkpoints, fingerprint, params.keep_checkpoints)
     state, resumed_from = resume(dd.open_checkpoints(store, world), model, optimizer)
     logs = (tr.metrics_log(paths.reports / "pretrain" / "train.csv", TRAIN_FIELDS, resumed_from, world.main),
@@ -239,16 +244,35 @@ def run(params: PretrainParams, paths: Paths) -> dict:
             "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9)), "bf16": settings.bf16,
             "device": str(world.device), "threads": threads, "processes": world.size,
             "parameters": sum(p.numel() for p in model.parameters()), "resumed_from_step": resumed_from or 0,
-            "heldout": final_eval}
+            "start": start, "heldout_at_start": state.heldout_at_start, "heldout": final_eval}
 
 
-def run_fingerprint(params: PretrainParams, config, info: dict) -> dict:
-    """What makes two runs the same run: model config, training params (not logging/checkpointing, nor
-    the device: a checkpoint resumes on another), data."""
+def starting_model(params: PretrainParams, tokenizer, max_seq_length: int):
+    """(model, config, what the report says of the start): random weights from ``seed``, or the
+    ``pretrain.init`` checkpoint with the heads it lacked initialised from ``seed``."""
+    if ck.is_scratch(params.init):
+        config = construct_config(params.model, len(tokenizer), tokenizer.pad_token_id)
+        model, start = construct_pretraining_model(config, params.seed, params.attention), {"init": ck.SCRATCH}
+    else:
+        checkpoint = ck.resolve(params.init)
+        config = ck.starting_config(checkpoint, params.model)
+        check_vocab(config, len(tokenizer), f"pretrain.init {params.init}")
+        if ck.load_checkpoint_tokenizer(checkpoint).get_vocab() != tokenizer.get_vocab():
+            raise InputError(f"artifacts/tokenizer is not the vocabulary of pretrain.init {params.init}; re-run "
+                             "`bertflow tokenizer` (it adopts the checkpoint's)")
+        model, heads = ck.load_pretraining_model(checkpoint, config, params.seed, params.attention)
+        start = {**checkpoint.describe(), "new_heads": heads}
+    check_positions(config, max_seq_length, "pretrain.model.max_position_embeddings")
+    return model, config, start
+
+
+def run_fingerprint(params: PretrainParams, config, info: dict, start: dict) -> dict:
+    """What makes two runs the same run: model config, where it started, training params (not
+    logging/checkpointing, nor the device: a checkpoint resumes on another), data."""
     ignore = {"eval_every", "eval_instances", "checkpoint_every_steps", "checkpoint_every_minutes",
               "keep_checkpoints", "log_every", "num_threads", "device"}
-    return {"model": config.to_diff_dict(), "training": params.model_dump(exclude=ignore | {"model"}),
-            "data": info["figures"]["train"]}
+    return {"model": config.to_diff_dict(), "start": start,
+            "training": params.model_dump(exclude=ignore | {"model"}), "data": info["figures"]["train"]}
 
 
 def resume(latest: Path | None, model, optimizer) -> tuple[LoopState, int | None]:

@@ -131,6 +131,26 @@ def where(figures: dict) -> str:
     return f"the CPU, {threads}" if processes == 1 else f"{processes} CPU processes, {threads} each"
 
 
+def started_from(pretrain: dict) -> str:
+    """Where pretraining started: random weights, or the pretrain.init checkpoint and the heads it lacked."""
+    start = pretrain.get("start", {"init": "scratch"})
+    if start.get("init", "scratch") == "scratch":
+        return "from random weights"
+    revision = f" at revision {esc(start['revision'][:12])}" if start.get("revision") else ""
+    heads = ", ".join(start.get("new_heads", [])) or "none"
+    return f"continued from pretrain.init <code>{esc(start['init'])}</code>{revision} (new heads: {esc(heads)})"
+
+
+def bought(pretrain: dict) -> str:
+    """The held-out MLM loss before the first step and at the end: what this pretraining bought."""
+    before, after = pretrain.get("heldout_at_start", {}), pretrain.get("heldout", {})
+    if "mlm_loss" not in before or "mlm_loss" not in after:
+        return ""
+    return (f" Held-out MLM loss {before['mlm_loss']:.3f} at step 0, {after['mlm_loss']:.3f} at step "
+            f"{after.get('step', '?')} (accuracy {before.get('mlm_accuracy', 0):.3f} → "
+            f"{after.get('mlm_accuracy', 0):.3f}).")
+
+
 def pretraining_section(reports: dict, params: Params, paths: Paths) -> str:
     pretrain = reports.get("pretrain")
     if not pretrain:
@@ -142,8 +162,9 @@ def pretraining_section(reports: dict, params: Params, paths: Paths) -> str:
                   ("held-out MLM accuracy", held.get("mlm_accuracy", "–")),
                   ("held-out NSP accuracy", held.get("nsp_accuracy", "–"))])
     body += (f"<p>BERT L{model.num_hidden_layers}/H{model.hidden_size}/A{model.num_attention_heads}, "
-             f"{number(pretrain.get('tokens', '–'))} tokens in {number(pretrain.get('seconds', '–'))} s on "
-             f"{where(pretrain)} (bf16 {esc(pretrain.get('bf16', '?'))}).</p>")
+             f"{started_from(pretrain)}, {number(pretrain.get('tokens', '–'))} tokens in "
+             f"{number(pretrain.get('seconds', '–'))} s on {where(pretrain)} (bf16 {esc(pretrain.get('bf16', '?'))})."
+             f"{bought(pretrain)}</p>")
     body += chart_or_note(curve(paths.reports / "pretrain" / "train.csv", "step", ["loss", "mlm_loss", "nsp_loss"]),
                           "step", "loss", "pretraining loss", "reports/pretrain/train.csv")
     body += chart_or_note(curve(paths.reports / "pretrain" / "eval.csv", "step", ["mlm_accuracy", "nsp_accuracy"]),

@@ -1,10 +1,13 @@
-"""Stage tokenizer: train a BERT WordPiece vocabulary on the corpus's train split.
+"""Stage tokenizer: train a BERT WordPiece vocabulary on the corpus's train split, or adopt the vocabulary
+of the checkpoint that pretraining continues from (``pretrain.init``).
 
 Reads: ``data/corpus/train.parquet`` (and ``data/labeled/train.parquet`` when
-``tokenizer.include_labeled_train``); the held-out split only for the figures. Never test text.
+``tokenizer.include_labeled_train``); the held-out split and the labeled training texts for the
+figures; the ``pretrain.init`` checkpoint's tokenizer when there is one. Never test text.
 Writes: ``artifacts/tokenizer/`` (``save_pretrained`` layout: ``AutoTokenizer.from_pretrained``
-returns a fast BERT tokenizer with the same ids) and ``reports/tokenizer.json``.
-Run: ``bertflow tokenizer``. Later stages call ``load_tokenizer``; only this stage trains.
+returns a fast BERT tokenizer with the same ids) and ``reports/tokenizer.json``: how well the saved
+vocabulary fits ([UNK] rate, word pieces per word) and, when adopted, what the vocabulary trained
+here would give beside it. Run: ``bertflow tokenizer``. Later stages call ``load_tokenizer``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from bertflow import checkpoints as ck
 from bertflow.io import atomic_dirs, read_column
-from bertflow.params import TokenizerParams
+from bertflow.params import Params, TokenizerParams
 from bertflow.paths import Paths
 from bertflow.tokenization import read_sentences
 
@@ -55,8 +59,8 @@ def to_transformers(vocab: dict[str, int], params: TokenizerParams):
         tokenize_chinese_chars=True, model_max_length=params.model_max_length)
 
 
-def tokenizer_figures(tokenizer, texts: list[str]) -> dict:
-    """Vocabulary size, [UNK] rate and mean word-pieces per (pre-tokenized) word on ``texts``."""
+def fit_figures(tokenizer, texts: list[str], name: str) -> dict:
+    """Word pieces, [UNK] rate and mean word pieces per (pre-tokenized) word on ``texts``, keyed ``<name>_*``."""
     backend = tokenizer.backend_tokenizer
     unk_id = tokenizer.unk_token_id
     pieces = unknown = words = 0
@@ -65,12 +69,14 @@ def tokenizer_figures(tokenizer, texts: list[str]) -> dict:
             pieces += len(encoding.ids)
             unknown += encoding.ids.count(unk_id)
             words += len({w for w in encoding.word_ids if w is not None})
-    return {
-        "vocab_size": len(tokenizer),
-        "heldout_tokens": pieces,
-        "heldout_unk_rate": round(unknown / max(pieces, 1), 6),
-        "heldout_pieces_per_word": round(pieces / max(words, 1), 4),
-    }
+    return {f"{name}_tokens": pieces, f"{name}_unk_rate": round(unknown / max(pieces, 1), 6),
+            f"{name}_pieces_per_word": round(pieces / max(words, 1), 4)}
+
+
+def tokenizer_figures(tokenizer, heldout: list[str], labeled: list[str]) -> dict:
+    """Vocabulary size and the fit on the held-out corpus and on the labeled training texts."""
+    return {"vocab_size": len(tokenizer), **fit_figures(tokenizer, heldout, "heldout"),
+            **fit_figures(tokenizer, labeled, "labeled")}
 
 
 def write_vocab_txt(path: Path, vocab: dict[str, int]) -> None:
@@ -86,14 +92,27 @@ def training_texts(paths: Paths, params: TokenizerParams) -> Iterator[str]:
         yield from read_column(paths.labeled / "train.parquet", "text")
 
 
-def run(params: TokenizerParams, paths: Paths) -> dict:
-    started = time.perf_counter()
-    vocab = train_vocab(training_texts(paths, params), params)
-    tokenizer = to_transformers(vocab, params)
+def adopted_tokenizer(spec: str, params: TokenizerParams):
+    """The checkpoint's tokenizer as it is (its lower-casing and accent rules), with this profile's
+    ``model_max_length``."""
+    tokenizer = ck.load_checkpoint_tokenizer(ck.resolve(spec))
+    tokenizer.model_max_length = params.model_max_length
+    return tokenizer
+
+
+def run(params: Params, paths: Paths) -> dict:
+    """Trains a vocabulary in any case: it is saved, or (when the checkpoint's is adopted) the yardstick."""
+    own, started = params.tokenizer, time.perf_counter()
+    trained = to_transformers(train_vocab(training_texts(paths, own), own), own)
     train_seconds = time.perf_counter() - started
+    adopting = not ck.is_scratch(params.pretrain.init)
+    tokenizer = adopted_tokenizer(params.pretrain.init, own) if adopting else trained
     with atomic_dirs([paths.tokenizer]) as (folder,):
         tokenizer.save_pretrained(str(folder))
-        write_vocab_txt(folder / "vocab.txt", vocab)
-    figures = tokenizer_figures(tokenizer, read_sentences(paths.corpus / "heldout.parquet"))
-    return {**figures, "train_seconds": round(train_seconds, 2),
-            "seconds": round(time.perf_counter() - started, 2)}
+        write_vocab_txt(folder / "vocab.txt", tokenizer.get_vocab())
+    texts = (read_sentences(paths.corpus / "heldout.parquet"),
+             list(read_column(paths.labeled / "train.parquet", "text")))
+    figures = {"source": "checkpoint" if adopting else "trained", **tokenizer_figures(tokenizer, *texts)}
+    if adopting:
+        figures.update(init=params.pretrain.init, trained_here=tokenizer_figures(trained, *texts))
+    return {**figures, "train_seconds": round(train_seconds, 2), "seconds": round(time.perf_counter() - started, 2)}
