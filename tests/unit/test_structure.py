@@ -14,6 +14,7 @@ import yaml
 from ruamel.yaml import YAML
 
 from bertflow import dvc_sync, stages
+from bertflow.io import InputError
 from bertflow.params import Params, fill_defaults, load_params, missing_fields
 from tests.conftest import REPO
 
@@ -176,3 +177,33 @@ def test_side_effect_stages_are_never_run_cached():
                    if isinstance(o, dict)]
         if stage.side_effects:
             assert options and all(o.get("persist") for o in options), stage.name
+
+
+def test_a_local_checkpoint_is_a_dep_of_the_stages_that_read_it_and_an_hf_id_a_param(tmp_path):
+    """pretrain.init names a folder: tokenizer and pretrain depend on it (sync-dvc writes it, a stage
+    refuses to run without it); an hf: id is the param pretrain.init, which both stages declare."""
+    checkpoint = tmp_path / "models" / "bert"
+    checkpoint.mkdir(parents=True)
+    params_yaml = tmp_path / "params.yaml"
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["pretrain"]["init"] = "models/bert"
+    params["ingest"]["corpus"]["sources"] = [{"path": str(REPO.parent / "shared" / "data" / "pretrain_en")}]
+    for split in ("train", "dev", "test"):
+        params["ingest"]["labeled"][split] = str(REPO.parent / "shared" / "data" / "sst2" / f"{split}.tsv")
+    params_yaml.write_text(yaml.safe_dump(params, sort_keys=False))
+    for package in ("bertflow", "tasks", "flows"):
+        (tmp_path / package).symlink_to(REPO / package)
+    document = YAML().load((REPO / "dvc.yaml").read_text())
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    loaded = load_params(params_yaml)
+    with pytest.raises(InputError, match=r"models/bert"):  # the stale dvc.yaml is refused, naming the dep
+        dvc_sync.check_stage(tmp_path / "dvc.yaml", params_yaml, loaded, "pretrain")
+    assert dvc_sync.sync_document(document, tmp_path, loaded)
+    readers = {name for name, entry in document["stages"].items() if "models/bert" in entry["deps"]}
+    assert readers == {"tokenizer", "pretrain"}
+    assert "pretrain.init" in document["stages"]["tokenizer"]["params"]  # pretrain declares all of pretrain
+    assert "pretrain" in document["stages"]["pretrain"]["params"]
+    params["pretrain"]["init"] = "hf:org/bert@0123abc"
+    params_yaml.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert dvc_sync.sync_document(document, tmp_path, load_params(params_yaml))  # the folder dep goes again
+    assert not any("models/bert" in entry["deps"] for entry in document["stages"].values())
