@@ -160,7 +160,9 @@ def load_pretraining_model(checkpoint: Checkpoint, config, seed: int, attention:
 
 
 def load_checkpoint_tokenizer(checkpoint: Checkpoint, where: str = "pretrain.init"):
-    """The checkpoint's own (fast) BERT tokenizer, with its lower-casing and accent rules."""
+    """The checkpoint's own (fast) BERT tokenizer, with its lower-casing and accent rules, and without the
+    padding or truncation its tokenizer.json may switch on (sentence-transformers saves both at 128 or 256:
+    every sentence the data stages encode would be cut there and filled with [PAD])."""
     from transformers import AutoTokenizer
 
     if not (checkpoint.path / "tokenizer_config.json").is_file() and not (checkpoint.path / "vocab.txt").is_file():
@@ -172,4 +174,6 @@ def load_checkpoint_tokenizer(checkpoint: Checkpoint, where: str = "pretrain.ini
               if getattr(tokenizer, name) is None]
     if absent:
         raise InputError(f"{where}: {checkpoint.spec}'s tokenizer lacks BERT's {', '.join(absent)}")
+    tokenizer.backend_tokenizer.no_padding()
+    tokenizer.backend_tokenizer.no_truncation()
     return tokenizer

@@ -122,8 +122,21 @@ def test_what_is_not_a_safe_bert_is_refused_by_name(tiny_trained, tmp_path):
 # ---------------------------------------------------------------- the stages
 
 
-def test_continued_pretraining_adopts_the_vocabulary_and_starts_where_the_checkpoint_ended(tiny_trained, started):
-    checkpoint = tiny_trained / "artifacts" / "pretrained"
+def padded_copy(pretrained: Path, folder: Path) -> Path:
+    """The tiny pretrained model with padding and truncation switched on in its tokenizer.json, as
+    sentence-transformers saves its checkpoints (all-MiniLM-L6-v2: padded and cut at 128)."""
+    shutil.copytree(pretrained, folder)
+    raw = json.loads((folder / "tokenizer.json").read_text())
+    raw["padding"] = {"strategy": {"Fixed": 16}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                      "pad_type_id": 0, "pad_token": "[PAD]"}
+    raw["truncation"] = {"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0}
+    (folder / "tokenizer.json").write_text(json.dumps(raw))
+    return folder
+
+
+def test_continued_pretraining_adopts_the_vocabulary_and_starts_where_the_checkpoint_ended(tiny_trained, started,
+                                                                                           tmp_path):
+    checkpoint = padded_copy(tiny_trained / "artifacts" / "pretrained", tmp_path / "checkpoint")
     figures = continue_from(started, checkpoint)
     assert figures["start"] == {"init": str(checkpoint), "new_heads": []}
     scratch = report(tiny_trained, "pretrain")
@@ -134,8 +147,11 @@ def test_continued_pretraining_adopts_the_vocabulary_and_starts_where_the_checkp
     assert (started / "reports" / "pretrain" / "eval.csv").read_text().splitlines()[1].startswith("0,")
 
     adopted, own = load_tokenizer(started / "artifacts" / "tokenizer"), load_tokenizer(checkpoint)
-    text = "The animal didn't cross the street because it was too tired."
-    assert adopted(text)["input_ids"] == own(text)["input_ids"] and adopted.get_vocab() == own.get_vocab()
+    text = "The animal didn't cross the street because it was too tired, so it lay down by the wall."
+    assert adopted(text)["input_ids"] == own(text, padding=False, truncation=False)["input_ids"]
+    assert adopted.get_vocab() == own.get_vocab()
+    pieces = adopted.backend_tokenizer.encode(text, add_special_tokens=False).ids  # as the data stages encode
+    assert len(pieces) > 16 and adopted.pad_token_id not in pieces  # neither cut nor padded
     fit = report(started, "tokenizer")
     assert fit["source"] == "checkpoint" and fit["init"] == str(checkpoint)
     for figures_of in (fit, fit["trained_here"]):
