@@ -103,7 +103,7 @@ def register(root: Path, env: dict | None = None) -> subprocess.CompletedProcess
                           capture_output=True, text=True, env=environment, timeout=600)
 
 
-def register_here(root: Path, monkeypatch, tracking_uri: str | None = None) -> dict:
+def register_here(root: Path, monkeypatch, tracking_uri: str | None = None, overrides: dict | None = None) -> dict:
     """The register stage in this test's process: the same ``run_stage`` the CLI calls, without another
     start of Python, MLflow and torch (some 15 CPU-seconds each); the CLI itself is ``register``."""
     import mlflow
@@ -119,7 +119,7 @@ def register_here(root: Path, monkeypatch, tracking_uri: str | None = None) -> d
     else:
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     try:
-        return run_stage("register", REPO / "params.tiny.yaml", root)
+        return run_stage("register", REPO / "params.tiny.yaml", root, overrides)
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
