@@ -202,7 +202,12 @@ class LmBaselinesParams(Section):
     num_threads: int | None = Field(2, ge=1)
 
 
-class FinetuneParams(Section):
+class FinetuneParams(BudgetFields):
+    """Epoch after epoch until the budget (``max_steps`` or ``budget_minutes``; null: none) is spent, early
+    stopping ends it, or ``epochs`` is reached; the learning-rate schedule is laid over the first of
+    these to come (the budget or the epoch cap), and the best dev evaluation's weights are kept. Minutes
+    count training steps, not dev evaluations, as pretrain's do."""
+
     init: str = Field("pretrained", description="'pretrained' (artifacts/pretrained) or a local BERT checkpoint folder")
     random_init_ablation: bool = Field(True, description="also fine-tune the same model from random weights")
     max_seq_length: int = Field(128, ge=8)
@@ -210,8 +215,13 @@ class FinetuneParams(Section):
     learning_rate: float = Field(1e-4, gt=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
-    epochs: int = Field(3, ge=1)
-    early_stopping_patience: int = Field(2, ge=1, description="epochs without a better dev metric before stopping")
+    epochs: int = Field(3, ge=1, description="at most this many epochs; with a budget, a cap the budget or early "
+                                             "stopping should end the run before")
+    early_stopping_patience: int = Field(
+        2, ge=1, description="dev evaluations (each epoch end, and every eval_every_steps) without a better dev "
+                             "metric before stopping")
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="also score dev every this many steps inside an epoch (null: at epoch ends only)")
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
     classifier_dropout: float = Field(0.1, ge=0, lt=1)
@@ -230,6 +240,12 @@ class FinetuneParams(Section):
     @classmethod
     def _init_exists(cls, value: str, info: ValidationInfo) -> str:
         return value if value == "pretrained" else _check_local_path(value, info)
+
+    @model_validator(mode="after")
+    def _one_budget(self):  # replaces BudgetFields' rule: here no budget is allowed (the epoch cap ends the run)
+        if self.max_steps is not None and self.budget_minutes is not None:
+            raise ValueError("give at most one of max_steps and budget_minutes (null both: epochs alone decides)")
+        return self
 
 
 class EvaluateParams(Section):

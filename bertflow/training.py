@@ -88,16 +88,20 @@ class Budget:
     """A run's length in optimizer steps or wall-clock minutes; progress runs from 0 to 1.
 
     With minutes, the schedule is laid over the time budget (as Cramming does): the learning rate
-    follows elapsed time, so the run ends decayed whenever the budget runs out.
+    follows elapsed time, so the run ends decayed whenever the budget runs out. With both, progress
+    is that of whichever runs out first; with neither, it stays 0 (no budget, never spent).
     """
 
     max_steps: int | None = None
     minutes: float | None = None
 
     def progress(self, step: int, seconds: float) -> float:
-        if self.max_steps:
-            return min(1.0, step / self.max_steps)
-        return min(1.0, seconds / (60 * self.minutes))
+        parts = [step / self.max_steps] if self.max_steps else []
+        parts += [seconds / (60 * self.minutes)] if self.minutes else []
+        return min(1.0, max(parts, default=0.0))
+
+    def spent(self, step: int, seconds: float) -> bool:
+        return self.progress(step, seconds) >= 1.0
 
 
 def set_lr(optimizer: torch.optim.Optimizer, peak: float, factor: float) -> float:

@@ -1,11 +1,13 @@
-"""Stage finetune: a BERT sequence classifier on the labeled data, with early stopping on dev.
+"""Stage finetune: a BERT sequence classifier on the labeled data, within a budget, with early stopping on dev.
 
 Reads: ``data/labeled/{train,dev}.parquet`` + ``labels.json``, and the starting model:
 ``artifacts/pretrained`` or any local transformers BERT checkpoint named by ``finetune.init``.
 Writes: ``artifacts/classifier/`` (``save_pretrained`` + tokenizer, label maps in its config),
 ``artifacts/ablation/random_init/`` (the same recipe from random weights, when
-``random_init_ablation``), resumable state under ``artifacts/finetune_checkpoints/``, per-epoch
-curves ``reports/finetune/<run>.csv`` and ``reports/finetune.json``. Run: ``bertflow finetune``.
+``random_init_ablation``), resumable state under ``artifacts/finetune_checkpoints/``, the dev curves
+``reports/finetune/<run>.csv`` (each epoch end, every ``eval_every_steps``, and where the budget ran
+out) and ``reports/finetune.json`` (per run: why training stopped, the best evaluation, the curve).
+Run: ``bertflow finetune``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from bertflow import distributed as dd
 from bertflow import training as tr
 from bertflow.classification import Encoded, class_weights, encode, predict_logits, read_split
-from bertflow.io import atomic_dirs, read_json, write_json
+from bertflow.io import InputError, atomic_dirs, read_json, write_json
 from bertflow.metrics import classification_metrics
 from bertflow.model import check_positions, check_vocab, load_classifier
 from bertflow.params import FinetuneParams
@@ -43,29 +45,32 @@ EPOCH_FIELDS = ["step", "epoch", "train_loss", "dev_accuracy", "dev_macro_f1", "
 @dataclass
 class FinetuneState:
     step: int = 0
-    epoch: int = 0
-    cursor: int = 0
-    seconds: float = 0.0
+    epoch: int = 0  # epochs finished
+    cursor: int = 0  # next position in this epoch's order
+    seconds: float = 0.0  # training time so far (dev evaluations and time dead after a crash not counted)
     best_metric: float = -1.0
-    best_epoch: int = -1
-    epochs_without_gain: int = 0
+    best_epoch: float = 0  # epochs done at the best evaluation (fractional inside an epoch)
+    best_step: int = 0
+    evaluations_without_gain: int = 0
     loss_sum: float = 0.0
     loss_count: int = 0
+    stopped_by: str | None = None  # "budget", "early_stopping" or "max_epochs" once the run has ended
     history: list = field(default_factory=list)
 
 
 def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams, pad_id: int,
                      store: tr.CheckpointStore, curve: tr.MetricsLog, bf16: bool, saved: dict | None,
                      world: dd.World) -> dict:
-    """Epochs with dev evaluation and early stopping; the best epoch's weights end up in ``model``.
+    """Epoch after epoch until the budget is spent, early stopping on dev ends the run or ``epochs`` is
+    reached; the best dev evaluation's weights end up in ``model``.
 
     Under torchrun every process takes its slice of each global batch (``finetune.batch_size``);
-    every process scores dev (the same weights give the same figures, so all stop together) and
-    only rank 0 writes checkpoints and the curve.
+    every process scores dev (the same weights give the same figures, so all stop together), rank 0's
+    clock decides when a time budget is spent, and only rank 0 writes checkpoints and the curve.
     """
     optimizer = tr.adamw(model, params.learning_rate, params.weight_decay)
     steps_per_epoch = len(train.labels) // params.batch_size
-    budget = tr.Budget(max_steps=steps_per_epoch * params.epochs)
+    budget, schedule = tr.Budget(params.max_steps, params.budget_minutes), schedule_budget(params, steps_per_epoch)
     weights = class_weights(train.labels, model.config.num_labels).to(world.device) if params.class_weights else None
     state, best = FinetuneState(), copy.deepcopy(model.state_dict())
     if saved:
@@ -74,33 +79,62 @@ def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams
         tr.restore_rng(saved["rng"])
         state, best = FinetuneState(**saved["loop"]), saved["best"]
     forward = dd.wrap(model, world)
+    lengths = [len(ids) for ids in train.input_ids]
     model.train()
-    while state.epoch < params.epochs and state.epochs_without_gain < params.early_stopping_patience:
-        order = tr.epoch_order([len(ids) for ids in train.input_ids], params.batch_size, params.seed, state.epoch)
-        while state.cursor + params.batch_size <= len(order):
+    while state.stopped_by is None:
+        epoch, order = state.epoch, tr.epoch_order(lengths, params.batch_size, params.seed, state.epoch)
+        while state.stopped_by is None and state.epoch == epoch:
             started = time.perf_counter()
             lr = tr.set_lr(optimizer, params.learning_rate,
-                           tr.lr_factor(budget.progress(state.step, 0), params.warmup_fraction))
+                           tr.lr_factor(schedule.progress(state.step, state.seconds), params.warmup_fraction))
             indices = dd.rank_share(order[state.cursor: state.cursor + params.batch_size], world)
             batch = tr.to_device(train.batch(indices, pad_id), world.device)
             loss = classification_step(forward, batch, weights, bf16, world)
             torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            state.cursor += params.batch_size
-            state.step += 1
-            state.loss_sum += loss
-            state.loss_count += 1
-            state.seconds += time.perf_counter() - started
-            if world.main and store.due(state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes):
+            advance(state, params.batch_size, len(order), loss)
+            state.seconds += dd.broadcast_float(time.perf_counter() - started, world)
+            spent = budget.spent(state.step, state.seconds)
+            if state.cursor == 0 or spent or (params.eval_every_steps and state.step % params.eval_every_steps == 0):
+                best = _evaluate(model, dev, params, pad_id, state, best, curve, lr, bf16, steps_per_epoch)
+                state.stopped_by = stop_reason(params, state, spent)
+            if world.main and (state.cursor == 0 or state.stopped_by or store.due(
+                    state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes)):
                 store.save(state.step, _checkpoint(model, optimizer, state, best))
-        best = _end_epoch(model, dev, params, pad_id, state, best, curve, lr, bf16)
-        if world.main:
-            store.save(state.step, _checkpoint(model, optimizer, state, best))
     model.load_state_dict(best)
-    return {"best_epoch": state.best_epoch + 1, f"best_dev_{params.metric}": round(state.best_metric, 5),
-            "epochs_run": state.epoch, "steps": state.step, "seconds": round(state.seconds, 1),
-            "history": state.history}
+    return {"stopped_by": state.stopped_by, "best_epoch": state.best_epoch, "best_step": state.best_step,
+            f"best_dev_{params.metric}": round(state.best_metric, 5),
+            "epochs_run": epochs_done(state, steps_per_epoch * params.batch_size), "steps": state.step,
+            "seconds": round(state.seconds, 1), "history": state.history}
+
+
+def schedule_budget(params: FinetuneParams, steps_per_epoch: int) -> tr.Budget:
+    """What the learning-rate schedule is laid over: the budget or the epoch cap, whichever comes first."""
+    cap = steps_per_epoch * params.epochs
+    return tr.Budget(min(cap, params.max_steps or cap), params.budget_minutes)
+
+
+def advance(state: FinetuneState, batch_size: int, epoch_rows: int, loss: float) -> None:
+    """Count one step; after an epoch's last full batch, the next epoch starts at its beginning."""
+    state.step, state.cursor = state.step + 1, state.cursor + batch_size
+    state.loss_sum, state.loss_count = state.loss_sum + loss, state.loss_count + 1
+    if state.cursor + batch_size > epoch_rows:  # the ragged tail is dropped: every batch is full
+        state.epoch, state.cursor = state.epoch + 1, 0
+
+
+def epochs_done(state: FinetuneState, epoch_rows: int) -> float:
+    """Epochs trained: whole at an epoch's end (1, 2, ...), else to three decimals."""
+    return state.epoch if state.cursor == 0 else round(state.epoch + state.cursor / epoch_rows, 3)
+
+
+def stop_reason(params: FinetuneParams, state: FinetuneState, spent: bool) -> str | None:
+    """Why the run ends after this dev evaluation, or None: it goes on."""
+    if state.evaluations_without_gain >= params.early_stopping_patience:
+        return "early_stopping"
+    if spent:
+        return "budget"
+    return "max_epochs" if state.epoch >= params.epochs and state.cursor == 0 else None
 
 
 def classification_step(forward, batch: dict, weights: torch.Tensor | None, bf16: bool, world: dd.World) -> float:
@@ -119,22 +153,25 @@ def classification_step(forward, batch: dict, weights: torch.Tensor | None, bf16
     return loss_sum / total
 
 
-def _end_epoch(model, dev, params, pad_id, state: FinetuneState, best, curve, lr, bf16):
+def _evaluate(model, dev, params, pad_id, state: FinetuneState, best, curve, lr, bf16, steps_per_epoch):
+    """Score dev, log the row; keep the weights when the dev metric is the best so far."""
     logits = predict_logits(model, dev, pad_id, params.batch_size * 4, bf16)
     metrics = classification_metrics(np.array(dev.labels), logits.argmax(-1), model.config.num_labels)
-    row = {"step": state.step, "epoch": state.epoch + 1,
+    epoch = epochs_done(state, steps_per_epoch * params.batch_size)
+    row = {"step": state.step, "epoch": epoch,
            "train_loss": round(state.loss_sum / max(state.loss_count, 1), 5),
            "dev_accuracy": round(metrics["accuracy"], 5), "dev_macro_f1": round(metrics["macro_f1"], 5),
            "lr": f"{lr:.3e}", "seconds": round(state.seconds, 1)}
     curve.write(**row)
     state.history.append(row)
-    log.info("epoch %d: %s", state.epoch + 1, row)
+    log.info("dev at epoch %s: %s", epoch, row)
     if metrics[params.metric] > state.best_metric:
-        state.best_metric, state.best_epoch, state.epochs_without_gain = metrics[params.metric], state.epoch, 0
+        state.best_metric, state.best_epoch, state.best_step = metrics[params.metric], epoch, state.step
+        state.evaluations_without_gain = 0
         best = copy.deepcopy(model.state_dict())
     else:
-        state.epochs_without_gain += 1
-    state.epoch, state.cursor, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0
+        state.evaluations_without_gain += 1
+    state.loss_sum, state.loss_count = 0.0, 0
     return best
 
 
@@ -150,6 +187,12 @@ def init_folder(params: FinetuneParams, paths: Paths) -> Path:
     return paths.pretrained if params.init == "pretrained" else Path(params.init)
 
 
+def check_batches(train: Encoded, batch_size: int, source: Path) -> None:
+    if len(train.labels) < batch_size:
+        raise InputError(f"{source}: {len(train.labels)} rows, fewer than finetune.batch_size={batch_size}: "
+                         "not one full batch to train on; lower finetune.batch_size or add rows")
+
+
 def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], params: FinetuneParams,
                  paths: Paths, tokenizer, world: dd.World) -> tuple[object, dict]:
     """Fine-tune one classifier (from ``source`` weights, or its architecture at random)."""
@@ -163,6 +206,7 @@ def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], 
     check_vocab(model.config, len(tokenizer), str(source))
     check_positions(model.config, params.max_seq_length, "finetune.max_seq_length")
     train = encode(tokenizer, *read_split(paths, "train"), params.max_seq_length)
+    check_batches(train, params.batch_size, paths.labeled / "train.parquet")
     dev = encode(tokenizer, *read_split(paths, "dev"), params.max_seq_length)
     fingerprint = {"init": str(source), "random_init": random_init, "labels": labels,
                    "params": params.model_dump(exclude={"checkpoint_every_steps", "checkpoint_every_minutes",
