@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bertflow.io import InputError
-from bertflow.params import HF_PREFIX
+from bertflow.params import HF_PREFIX, SCRATCH
 
-SCRATCH = "scratch"
 SUPPORTED = "BERT checkpoints (model_type 'bert': BertForPreTraining, BertForMaskedLM or a bare BertModel)"
 # the sizes a checkpoint fixes; pretrain.model must agree with them (its dropout rates are training settings)
 ARCHITECTURE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",

@@ -24,7 +24,16 @@ from ruamel.yaml import YAML
 
 from bertflow import stages
 from bertflow.io import InputError
-from bertflow.params import HF_PREFIX, IngestParams, Params, fill_defaults, load_params, missing_fields
+from bertflow.params import (
+    HF_PREFIX,
+    PRETRAINED,
+    SCRATCH,
+    IngestParams,
+    Params,
+    fill_defaults,
+    load_params,
+    missing_fields,
+)
 
 PACKAGES = ("bertflow", "tasks", "flows")  # the project's own code; everything else is a library
 ENTRY = "tasks/cli.py"  # `bertflow <stage>`: it runs before, around and after every stage
@@ -114,7 +123,7 @@ def checkpoint_deps(stage: str, params: Params, dvc_dir: Path) -> list[str]:
         return []
     section, field = key.split(".")
     spec = getattr(getattr(params, section), field)
-    return [] if spec in ("scratch", "pretrained") or spec.startswith(HF_PREFIX) else relative([spec], dvc_dir)
+    return [] if spec in (SCRATCH, PRETRAINED) or spec.startswith(HF_PREFIX) else relative([spec], dvc_dir)
 
 
 # ---------------------------------------------------------------- what dvc.yaml should say

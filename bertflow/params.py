@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 HF_PREFIX = "hf:"
+SCRATCH = "scratch"  # pretrain.init: random weights
+PRETRAINED = "pretrained"  # finetune.init: artifacts/pretrained
 
 
 class ParamsError(ValueError):
@@ -146,7 +148,7 @@ class BudgetFields(Section):
 
 class PretrainParams(BudgetFields):
     init: str = Field(
-        "scratch", description="scratch (random weights, sizes from pretrain.model), or a BERT checkpoint to "
+        SCRATCH, description="scratch (random weights, sizes from pretrain.model), or a BERT checkpoint to "
         "continue from: a local save_pretrained folder or hf:<repo id>[@revision] (sizes and vocabulary then come "
         "from it; the tokenizer stage adopts its vocabulary)")
     model: BertModelParams = BertModelParams()
@@ -175,7 +177,7 @@ class PretrainParams(BudgetFields):
     @field_validator("init")
     @classmethod
     def _init_exists(cls, value: str, info: ValidationInfo) -> str:
-        return value if value == "scratch" else _check_local_path(value, info)
+        return value if value == SCRATCH else _check_local_path(value, info)
 
 
 class BigramParams(Section):
@@ -239,7 +241,7 @@ class FinetuneParams(BudgetFields):
     @field_validator("init")
     @classmethod
     def _init_exists(cls, value: str, info: ValidationInfo) -> str:
-        return value if value == "pretrained" else _check_local_path(value, info)
+        return value if value == PRETRAINED else _check_local_path(value, info)
 
     @model_validator(mode="after")
     def _one_budget(self):  # replaces BudgetFields' rule: here no budget is allowed (the epoch cap ends the run)

@@ -132,7 +132,8 @@ def evaluate_pretrained(paths: Paths, params: EvaluateParams) -> dict:
 
 
 def score_baselines(paths: Paths, params: EvaluateParams, train: tuple[list[str], list[int]],
-                    test: tuple[list[str], list[int]], names: list[str]) -> dict[str, tuple[dict, np.ndarray]]:
+                    test: tuple[list[str], list[int]], labels: np.ndarray,
+                    names: list[str]) -> dict[str, tuple[dict, np.ndarray]]:
     """Each baseline that is on (and the random-init ablation, when built): headline figures, per-row predictions."""
     found = {}
     random_init = paths.ablation / "random_init"
@@ -140,9 +141,9 @@ def score_baselines(paths: Paths, params: EvaluateParams, train: tuple[list[str]
         report, scores = evaluate_classifier(random_init, test, params, names)
         found["random_init"] = headline(report), scores.argmax(1)
     if params.majority_baseline:
-        found["majority"] = majority_baseline(train[1], np.array(test[1]), names)
+        found["majority"] = majority_baseline(train[1], labels, names)
     if params.tfidf_baseline:
-        found["tfidf_logreg"] = tfidf_baseline(train, (test[0], np.array(test[1])), names, params)
+        found["tfidf_logreg"] = tfidf_baseline(train, (test[0], labels), names, params)
     return found
 
 
@@ -155,11 +156,11 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     labels, predicted = np.array(test[1]), scores.argmax(1)
     report["accuracy_interval"] = accuracy_interval(predicted == labels, params.bootstrap_resamples,
                                                     params.bootstrap_seed)
-    baselines = score_baselines(paths, params, train, test, names)
+    baselines = score_baselines(paths, params, train, test, labels, names)
     figures = {"test": report, "test_rows": len(test[1]), "baselines": against(labels, predicted, baselines)}
     figures["pretrained_heldout"] = evaluate_pretrained(paths, params)
     with atomic_dirs([paths.reports / "evaluate"]) as (folder,):
-        write_predictions(folder / "predictions.csv", test[0], np.array(test[1]), scores, names)
+        write_predictions(folder / "predictions.csv", test[0], labels, scores, names)
         write_json(folder / "confusion.json", {"labels": names, "matrix": report["confusion_matrix"]})
         plot_confusion(folder / "confusion.png", report["confusion_matrix"], names,
                        f"test accuracy {report['accuracy']:.3f}")

@@ -28,7 +28,7 @@ from bertflow.classification import Encoded, class_weights, encode, predict_logi
 from bertflow.io import InputError, atomic_dirs, read_json, write_json
 from bertflow.metrics import classification_metrics
 from bertflow.model import check_positions, check_vocab, load_classifier
-from bertflow.params import FinetuneParams
+from bertflow.params import PRETRAINED, FinetuneParams
 from bertflow.paths import Paths
 from bertflow.tokenization import load_tokenizer
 
@@ -184,7 +184,7 @@ def _checkpoint(model, optimizer, state: FinetuneState, best) -> dict:
 
 
 def init_folder(params: FinetuneParams, paths: Paths) -> Path:
-    return paths.pretrained if params.init == "pretrained" else Path(params.init)
+    return paths.pretrained if params.init == PRETRAINED else Path(params.init)
 
 
 def check_batches(train: Encoded, batch_size: int, source: Path) -> None:
