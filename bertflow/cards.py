@@ -43,8 +43,7 @@ def model_card(name: str, version: str | None, params: dict, reports: dict, line
         f"{pretrain.get('seconds', '?')} s; held-out MLM accuracy "
         f"{evaluation.get('pretrained_heldout', {}).get('mlm_accuracy', '?')}, NSP accuracy "
         f"{evaluation.get('pretrained_heldout', {}).get('nsp_accuracy', '?')}.",
-        f"- Fine-tuning: best epoch {finetune.get('pretrained', {}).get('best_epoch', '?')} of "
-        f"{params['finetune']['epochs']}, learning rate {params['finetune']['learning_rate']}.", "",
+        f"- Fine-tuning: {finetune_text(finetune.get('pretrained', {}), params['finetune'])}.", "",
         "## Evaluation (test split)", "",
         "| model | accuracy | macro-F1 |", "|---|---|---|",
         f"| this model | {test.get('accuracy', '?')} | {test.get('macro_f1', '?')} |",
@@ -56,6 +55,29 @@ def model_card(name: str, version: str | None, params: dict, reports: dict, line
         *[f"- {key}: `{value}`" for key, value in sorted(lineage.items())], "",
     ]
     return "\n".join(lines)
+
+
+STOPPED_BY = {"budget": "the budget ran out", "early_stopping": "early stopping",
+              "max_epochs": "the epoch cap"}
+
+
+def limits_text(settings: dict) -> str:
+    """What may end fine-tuning: "30 min budget, 20-epoch cap" (params.finetune)."""
+    budget = (f"{settings['budget_minutes']:g} min budget" if settings.get("budget_minutes")
+              else f"{settings['max_steps']} steps budget" if settings.get("max_steps") else "no budget")
+    return f"{budget}, {settings['epochs']}-epoch cap"
+
+
+def finetune_text(run: dict, settings: dict) -> str:
+    """One fine-tuning run (reports/finetune.json's ``pretrained``) in words: its steps, what ended it, where the
+    kept (best dev) weights are from, and the limits it ran under."""
+    if "best_dev_accuracy" not in run:
+        return f"not run ({limits_text(settings)})"
+    ended = STOPPED_BY.get(run.get("stopped_by"), "?")
+    best = f"step {run['best_step']}, epoch {run['best_epoch']}" if "best_step" in run else f"epoch {run['best_epoch']}"
+    return (f"{run['steps']} steps in {run.get('epochs_run', '?')} epochs, ended by {ended}; weights kept from the "
+            f"best dev evaluation ({best}: dev accuracy {run['best_dev_accuracy']}); {limits_text(settings)}, "
+            f"learning rate {settings['learning_rate']}")
 
 
 def interval_text(test: dict) -> str:

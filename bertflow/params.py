@@ -12,7 +12,7 @@ import os
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -136,13 +136,19 @@ class BertModelParams(Section):
 
 
 class BudgetFields(Section):
+    """``max_steps`` or ``budget_minutes``: exactly one, or at most one where ``budget_optional`` (something
+    else, such as an epoch cap, can end the run)."""
+
+    budget_optional: ClassVar[bool] = False
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; or give budget_minutes")
     budget_minutes: float | None = Field(None, gt=0, description="wall-clock budget; the schedule follows it")
 
     @model_validator(mode="after")
     def _one_budget(self):
-        if (self.max_steps is None) == (self.budget_minutes is None):
-            raise ValueError("give exactly one of max_steps and budget_minutes")
+        given = (self.max_steps is not None) + (self.budget_minutes is not None)
+        if given == 2 or (given == 0 and not self.budget_optional):
+            raise ValueError(f"give {'at most' if self.budget_optional else 'exactly'} one of max_steps and "
+                             "budget_minutes" + (" (null both: epochs alone decides)" if self.budget_optional else ""))
         return self
 
 
@@ -210,6 +216,7 @@ class FinetuneParams(BudgetFields):
     these to come (the budget or the epoch cap), and the best dev evaluation's weights are kept. Minutes
     count training steps, not dev evaluations, as pretrain's do."""
 
+    budget_optional: ClassVar[bool] = True
     init: str = Field("pretrained", description="'pretrained' (artifacts/pretrained) or a local BERT checkpoint folder")
     random_init_ablation: bool = Field(True, description="also fine-tune the same model from random weights")
     max_seq_length: int = Field(128, ge=8)
@@ -242,13 +249,6 @@ class FinetuneParams(BudgetFields):
     @classmethod
     def _init_exists(cls, value: str, info: ValidationInfo) -> str:
         return value if value == PRETRAINED else _check_local_path(value, info)
-
-    @model_validator(mode="after")
-    def _one_budget(self):  # replaces BudgetFields' rule: here no budget is allowed (the epoch cap ends the run)
-        if self.max_steps is not None and self.budget_minutes is not None:
-            raise ValueError("give at most one of max_steps and budget_minutes (null both: epochs alone decides)")
-        return self
-
 
 class EvaluateParams(Section):
     batch_size: int = Field(128, ge=1)

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from bertflow import stages, tracking
-from bertflow.cards import comparisons, interval_text
+from bertflow.cards import STOPPED_BY, comparisons, interval_text
 from bertflow.io import read_column, write_text
 from bertflow.pages import cards, esc, image, line_chart, number, page, table
 from bertflow.params import Params
@@ -176,9 +176,11 @@ def finetuning_section(reports: dict, paths: Paths) -> str:
     finetune = reports.get("finetune")
     if not finetune:
         return missing("finetune")
-    rows = [[run, f.get("best_epoch"), f.get("epochs_run"), f.get("best_dev_accuracy"), f.get("seconds")]
+    rows = [[run, f.get("steps"), f.get("epochs_run"), STOPPED_BY.get(f.get("stopped_by"), "–"),
+             f.get("best_step", "–"), f.get("best_epoch"), f.get("best_dev_accuracy"), f.get("seconds")]
             for run, f in finetune.items() if isinstance(f, dict) and "best_dev_accuracy" in f]
-    body = table(["run", "best epoch", "epochs run", "best dev accuracy", "seconds"], rows)
+    body = table(["run", "steps", "epochs run", "ended by", "best step", "best epoch", "best dev accuracy",
+                  "seconds"], rows)
     series = {}
     for run in ("pretrained", "random_init"):
         series.update({f"{run}: dev accuracy": s for s in

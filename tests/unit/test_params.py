@@ -30,6 +30,8 @@ def test_default_params_files_are_valid():
     (lambda p: p.pop("tokenizer"), "tokenizer", "required key is missing"),
     (lambda p: p["finetune"].update(max_steps=100, budget_minutes=5), "finetune",
      "give at most one of max_steps and budget_minutes"),
+    (lambda p: p["pretrain"].update(max_steps=None, budget_minutes=None), "pretrain",
+     "give exactly one of max_steps and budget_minutes"),
 ])
 def test_bad_params_name_the_key(tiny, edit, key, expected):
     params, folder = tiny
