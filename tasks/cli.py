@@ -117,9 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.command == "predict":
-        from bertflow import predict
-
+    if args.command == "predict":  # loaded by name, as the stages are: no stage's process (or DVC dep) has it
+        predict = importlib.import_module("bertflow.predict")
         return predict.run(args.model, args.texts, args.input, args.text_column, args.format, args.output,
                            Path(args.root), progress=not args.no_progress)
     if args.command == "sync-dvc":
