@@ -1,4 +1,5 @@
-"""The model card: the Markdown description of a registered version (figures, variants, lineage).
+"""The model cards: the Markdown description of a registered version (figures, variants, lineage), and the
+``README.md`` of the classifier folder in Hugging Face's conventions (YAML metadata, then how to use it).
 
 Pure: reports and params in, Markdown out. ``comparisons`` is also the run report's reading of
 evaluate's McNemar tests, so the card and the page say the same thing.
@@ -140,3 +141,28 @@ def _get(mapping: dict, *keys: str):
     for key in keys:
         mapping = mapping.get(key, {}) if isinstance(mapping, dict) else {}
     return mapping if mapping != {} else "?"
+
+
+def folder_card(labels: list[str], run: dict, settings: dict, config: dict) -> str:
+    """``artifacts/classifier/README.md``: the Hugging Face model card of the folder as finetune leaves it (its
+    test figures come later, in the registered version's card)."""
+    front = ["---", "library_name: transformers", "pipeline_tag: text-classification", "tags:", "- bert",
+             "- bertflow", "- text-classification", "---", ""]
+    return "\n".join(front + [
+        "# bertflow classifier", "",
+        f"A BERT sequence classifier (L{config['num_hidden_layers']}/H{config['hidden_size']}/"
+        f"A{config['num_attention_heads']}, {config['max_position_embeddings']} positions, vocabulary "
+        f"{config['vocab_size']}) fine-tuned by `bertflow finetune`. Labels: {', '.join(labels)}.", "",
+        "## Use", "",
+        "```python", "from transformers import pipeline",
+        'classify = pipeline("text-classification", model="artifacts/classifier", truncation=True)',
+        'classify("a charming and often affecting journey")', "```", "",
+        f"Texts longer than {config['max_position_embeddings']} word pieces are cut there (`truncation=True`; the "
+        "tokenizer's `model_max_length` is the model's length). The registered form of this model "
+        "(`bertflow predict`, `mlflow models serve`) says which texts were cut.", "",
+        "## Training", "",
+        f"- {finetune_text(run, settings)}.",
+        f"- Batch {settings['batch_size']}, sequence length {settings['max_seq_length']}, "
+        f"weight decay {settings['weight_decay']}, warm-up {settings['warmup_fraction']}, seed {settings['seed']}.", "",
+        "Test-set figures, baselines and McNemar tests: the description of the registered version "
+        "(`bertflow register`), and `reports/evaluate.json`.", ""])

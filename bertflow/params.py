@@ -92,7 +92,9 @@ class TokenizerParams(Section):
     lowercase: bool = True
     strip_accents: bool | None = Field(None, description="null: strip when lowercasing, as BERT does")
     include_labeled_train: bool = Field(True, description="also learn from the labeled training texts")
-    model_max_length: int = Field(512, ge=8)
+    model_max_length: int | None = Field(
+        None, ge=8, description="null: the model's positions (pretrain.model.max_position_embeddings, or the "
+        "checkpoint's when its vocabulary is adopted); model folders always say their own positions")
 
 
 class PretrainDataParams(Section):

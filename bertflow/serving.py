@@ -11,9 +11,12 @@ PyTorch variants or onnxruntime for the ONNX ones (never both). It reads the art
 - ``runtime: onnxruntime``: an ONNX graph (fp32 or int8), run with ONNX Runtime.
 
 Whatever the variant, ``predict`` answers a list, Series, array or one-column DataFrame of texts
-with a DataFrame: ``label`` and one ``score_<label>`` column per class (softmax probabilities),
-computed as ``bertflow evaluate`` computes them: truncation at ``max_position_embeddings``,
-length-sorted batches of 128, softmax of the logits. ``bertflow optimize`` measures every variant
+(or one with a ``text`` column) with a DataFrame: ``label``, one ``score_<label>`` column per class
+(softmax probabilities) and ``truncated``, computed as ``bertflow evaluate`` computes them:
+truncation at ``max_position_embeddings`` (``truncated`` says where it cut), length-sorted batches
+of 128, softmax of the logits. An item that is not a non-blank string (a number, a null, a nested
+list, an empty or whitespace-only text) refuses the whole request with an error naming the item,
+which MLflow's scoring server answers with HTTP 400. ``bertflow optimize`` measures every variant
 through ``open_model`` and ``score`` below, i.e. through exactly what a consumer runs.
 """
 
@@ -31,14 +34,59 @@ BATCH_SIZE = 128
 VARIANT_FILE = "variant.json"
 
 
+TEXT_COLUMN = "text"
+
+
+class BadInput(ValueError):
+    """A request that is not a list of texts; its message names the item or the column at fault."""
+
+
 def as_texts(model_input) -> list[str]:
+    """The texts of a request: a string, a list, array or Series of strings, or a DataFrame with one column
+    (or a ``text`` column). Anything else is refused by naming the item: a number, a null, a nested list,
+    an empty or whitespace-only text (there is nothing to classify in it)."""
     if isinstance(model_input, pd.DataFrame):
-        if model_input.shape[1] != 1:
-            raise ValueError(f"expected one column of texts, got columns {list(model_input.columns)}")
-        model_input = model_input.iloc[:, 0]
-    if isinstance(model_input, str):
+        model_input = text_column(model_input)
+    if isinstance(model_input, str | bytes):
         model_input = [model_input]
-    return [str(text) for text in list(model_input)]
+    if isinstance(model_input, dict):
+        raise BadInput(f"expected a list of texts, got an object with keys {sorted(map(str, model_input))}")
+    if isinstance(model_input, np.ndarray) and model_input.ndim == 0:  # {"inputs": "one text"}
+        model_input = [model_input.item()]
+    if isinstance(model_input, np.ndarray) and model_input.ndim > 1:
+        raise BadInput(f"expected a flat list of texts, got nested lists (shape {list(model_input.shape)})")
+    items = list(model_input)
+    for index, item in enumerate(items):
+        check_text(index, item)
+    return items
+
+
+def text_column(frame: pd.DataFrame):
+    if TEXT_COLUMN in frame.columns:
+        return frame[TEXT_COLUMN]
+    if frame.shape[1] != 1:
+        raise BadInput(f"expected one column of texts or a column named {TEXT_COLUMN!r}, got columns "
+                       f"{[str(c) for c in frame.columns]}")
+    return frame.iloc[:, 0]
+
+
+def check_text(index: int, item) -> None:
+    if isinstance(item, list | tuple | np.ndarray | dict):
+        raise BadInput(f"item {index} is a nested {type(item).__name__}, not a text")
+    if not isinstance(item, str):
+        kind = "null" if item is None or (isinstance(item, float) and np.isnan(item)) else type(item).__name__
+        raise BadInput(f"item {index} is {kind}, not a text" + (f": {str(item)[:60]!r}" if kind != "null" else ""))
+    if not item.strip():
+        raise BadInput(f"item {index} is {'empty' if not item else 'whitespace only'}: there is nothing to classify")
+
+
+def refused(error: BadInput):
+    """The error MLflow's scoring server turns into HTTP 400 with this message (any other is a 500 or a
+    generic 400 that names nothing)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(f"bad request: {error}", error_code=INVALID_PARAMETER_VALUE)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -129,9 +177,16 @@ class LoadedModel:
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [encoding.ids for encoding in self.tokenizer.encode_batch(texts)]
 
+    def encode(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Word-piece ids cut at the model's length, and whether each text was cut."""
+        encodings = self.tokenizer.encode_batch(texts)
+        return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+
     def score(self, texts: list[str], batch_size: int = BATCH_SIZE) -> np.ndarray:
         """Softmax probabilities, one row per text, computed in length-sorted padded batches."""
-        ids = self.token_ids(texts)
+        return self.score_ids(self.token_ids(texts), batch_size)
+
+    def score_ids(self, ids: list[list[int]], batch_size: int = BATCH_SIZE) -> np.ndarray:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = np.zeros((len(ids), len(self.labels)), dtype=np.float64)
         for start in range(0, len(order), batch_size):
@@ -146,9 +201,12 @@ class LoadedModel:
         return out
 
     def frame(self, texts: list[str]) -> pd.DataFrame:
-        scores = self.score(texts)
+        """``label``, ``score_<label>`` per class and ``truncated`` (the text was longer than the model)."""
+        ids, truncated = self.encode(texts)
+        scores = self.score_ids(ids)
         labels = pd.Series([self.labels[i] for i in scores.argmax(1)], dtype=object if len(texts) else str)
-        return pd.DataFrame({"label": labels, **{f"score_{name}": scores[:, i] for i, name in enumerate(self.labels)}})
+        return pd.DataFrame({"label": labels, **{f"score_{name}": scores[:, i] for i, name in enumerate(self.labels)},
+                             "truncated": pd.Series(truncated, dtype=bool)})
 
 
 def open_model(folder: str | Path, threads: int | None = None) -> LoadedModel:
@@ -163,7 +221,11 @@ class BertClassifier(mlflow.pyfunc.PythonModel):
         self.model = open_model(context.artifacts["classifier"])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        return self.model.frame(as_texts(model_input))
+        try:
+            texts = as_texts(model_input)
+        except BadInput as error:
+            raise refused(error) from None
+        return self.model.frame(texts)
 
 
 mlflow.models.set_model(BertClassifier())

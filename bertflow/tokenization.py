@@ -21,6 +21,15 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def save_model_folder(model, tokenizer, folder: Path) -> None:
+    """A model and its tokenizer in ``save_pretrained`` layout, the tokenizer's ``model_max_length`` set to the
+    model's positions: transformers' pipeline then truncates where the model ends instead of failing past it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.cpu().save_pretrained(str(folder))
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    tokenizer.save_pretrained(str(folder))
+
+
 def read_sentences(path: Path) -> list[str]:
     return [s for sentences in read_column(path, "sentences") for s in sentences]
 

@@ -91,13 +91,36 @@ def build_parser() -> argparse.ArgumentParser:
     sync = commands.add_parser("sync-dvc", help="write every field into params.yaml, and dvc.yaml's deps (the code "
                                "each stage imports, ingest's sources) and params from the code and params.yaml")
     sync.add_argument("--check", action="store_true", help="change nothing; exit 1 when either file is stale")
+    add_predict(commands)
     return parser
+
+
+def add_predict(commands) -> None:
+    """``bertflow predict`` (bertflow/predict.py, imported only when it runs: the stages never load it)."""
+    predict = commands.add_parser(
+        "predict", help="classify texts with a registered model or a model folder (label, scores, truncated)",
+        description="Classify texts with the registered classifier or any form of it. Exit 2 with one message "
+                    "for a model, registry, file or column that is not there, or a text the model refuses.")
+    predict.add_argument("texts", nargs="*", help="texts to classify (none: --input, else standard input)")
+    predict.add_argument("--model", "-m", required=True,
+                         help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<run>/<path>, or a folder "
+                              "(a classifier or variant folder, or a logged MLflow model)")
+    predict.add_argument("--input", "-i", help="a .txt (one text per line), .csv, .tsv or .jsonl file; - for stdin")
+    predict.add_argument("--text-column", default="text", help="the texts' column in .csv/.tsv/.jsonl (default text)")
+    predict.add_argument("--format", "-f", choices=("table", "jsonl", "csv"), default="table",
+                         help="table (default), jsonl or csv")
+    predict.add_argument("--output", "-o", help="write here instead of standard output (written whole, or not at all)")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar on long inputs")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "predict":  # loaded by name, as the stages are: no stage's process (or DVC dep) has it
+        predict = importlib.import_module("bertflow.predict")
+        return predict.run(args.model, args.texts, args.input, args.text_column, args.format, args.output,
+                           Path(args.root), progress=not args.no_progress)
     if args.command == "sync-dvc":
         try:
             return sync_or_check(Path(args.root), args.check)

@@ -24,13 +24,14 @@ import torch.nn.functional as F
 
 from bertflow import distributed as dd
 from bertflow import training as tr
+from bertflow.cards import folder_card
 from bertflow.classification import Encoded, class_weights, encode, predict_logits, read_split
 from bertflow.io import InputError, atomic_dirs, read_json, write_json
 from bertflow.metrics import classification_metrics
 from bertflow.model import check_positions, check_vocab, load_classifier
 from bertflow.params import PRETRAINED, FinetuneParams
 from bertflow.paths import Paths
-from bertflow.tokenization import load_tokenizer
+from bertflow.tokenization import load_tokenizer, save_model_folder
 
 log = logging.getLogger(__name__)
 EPOCH_FIELDS = ["step", "epoch", "train_loss", "dev_accuracy", "dev_macro_f1", "lr", "seconds"]
@@ -239,9 +240,12 @@ def run(params: FinetuneParams, paths: Paths) -> dict:
     stores = [summary.pop("store") for summary in figures.values()]
     if world.main:
         with atomic_dirs([paths.classifier, paths.ablation]) as (classifier_dir, ablation_dir):
-            _save(models["pretrained"], tokenizer, classifier_dir)
+            save_model_folder(models["pretrained"], tokenizer, classifier_dir)
+            (classifier_dir / "README.md").write_text(folder_card(
+                labels, figures["pretrained"], params.model_dump(mode="json"),
+                models["pretrained"].config.to_dict()), encoding="utf-8")
             if "random_init" in models:
-                _save(models["random_init"], tokenizer, ablation_dir / "random_init")
+                save_model_folder(models["random_init"], tokenizer, ablation_dir / "random_init")
             write_json(ablation_dir / "ablation.json", {"random_init": "random_init" in models})
         for store in stores:
             store.mark_complete()
@@ -249,8 +253,3 @@ def run(params: FinetuneParams, paths: Paths) -> dict:
     return {"init": str(params.init), "labels": labels, "processes": world.size, "device": str(world.device),
             **figures}
 
-
-def _save(model, tokenizer, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    model.cpu().save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))

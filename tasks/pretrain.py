@@ -38,7 +38,7 @@ from bertflow.model import (
 from bertflow.params import PretrainDataParams, PretrainParams
 from bertflow.paths import Paths
 from bertflow.pretraining import PretrainBatches, evaluate_pretraining, read_shards
-from bertflow.tokenization import load_tokenizer
+from bertflow.tokenization import load_tokenizer, save_model_folder
 
 log = logging.getLogger(__name__)
 TRAIN_FIELDS = ["step", "loss", "mlm_loss", "nsp_loss", "lr", "tokens_per_second", "seconds"]
@@ -235,8 +235,7 @@ def run(params: PretrainParams, paths: Paths) -> dict:
     final_eval = train(model, optimizer, train_batches, eval_batches, params, store, state, logs, settings)
     if world.main:
         with atomic_dirs([paths.pretrained]) as (folder,):
-            model.cpu().save_pretrained(str(folder))
-            tokenizer.save_pretrained(str(folder))
+            save_model_folder(model, tokenizer, folder)
         store.mark_complete()
     dd.leave_world(world)
     return {"steps": state.step, "epochs": round(state.epoch + state.cursor / len(train_batches), 3),

@@ -83,8 +83,11 @@ def log_model(run_id: str, folder: Path, example: list[str], name: str = "classi
 
     labels = read_json(folder / "config.json")["id2label"]
     names = [labels[str(i)] for i in range(len(labels))]
-    signature = ModelSignature(Schema([ColSpec("string")]),
-                               Schema([ColSpec("string", "label"), *[ColSpec("double", f"score_{n}") for n in names]]))
+    # No input schema: MLflow would enforce "string" by casting (1 and null became the texts "1" and "None");
+    # serving.as_texts checks every item itself and refuses what is not a text with a 400 naming it.
+    signature = ModelSignature(None,
+                               Schema([ColSpec("string", "label"), *[ColSpec("double", f"score_{n}") for n in names],
+                                       ColSpec("boolean", "truncated")]))
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(SERVING_CODE), artifacts={"classifier": str(folder)},

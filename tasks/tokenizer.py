@@ -50,13 +50,13 @@ def train_vocab(texts: Iterable[str], params: TokenizerParams) -> dict[str, int]
     return tokenizer.get_vocab()
 
 
-def to_transformers(vocab: dict[str, int], params: TokenizerParams):
+def to_transformers(vocab: dict[str, int], params: TokenizerParams, max_length: int):
     """The transformers BERT tokenizer (fast, tokenizers backend) over ``vocab``."""
     from transformers import BertTokenizer
 
     return BertTokenizer(
         vocab=vocab, do_lower_case=params.lowercase, strip_accents=params.strip_accents,
-        tokenize_chinese_chars=True, model_max_length=params.model_max_length)
+        tokenize_chinese_chars=True, model_max_length=max_length)
 
 
 def fit_figures(tokenizer, texts: list[str], name: str) -> dict:
@@ -92,21 +92,32 @@ def training_texts(paths: Paths, params: TokenizerParams) -> Iterator[str]:
         yield from read_column(paths.labeled / "train.parquet", "text")
 
 
-def adopted_tokenizer(spec: str, params: TokenizerParams):
-    """The checkpoint's tokenizer as it is (its lower-casing and accent rules), with this profile's
-    ``model_max_length``."""
-    tokenizer = ck.load_checkpoint_tokenizer(ck.resolve(spec))
-    tokenizer.model_max_length = params.model_max_length
+def adopted_tokenizer(checkpoint: ck.Checkpoint, max_length: int):
+    """The checkpoint's tokenizer as it is (its lower-casing and accent rules), with ``max_length``."""
+    tokenizer = ck.load_checkpoint_tokenizer(checkpoint)
+    tokenizer.model_max_length = max_length
     return tokenizer
+
+
+def max_length(params: Params, checkpoint: ck.Checkpoint | None) -> int:
+    """``tokenizer.model_max_length``, or the positions of the model it will serve (the checkpoint's, or
+    ``pretrain.model``'s from scratch)."""
+    if params.tokenizer.model_max_length:
+        return params.tokenizer.model_max_length
+    if checkpoint is None:
+        return params.pretrain.model.max_position_embeddings
+    return ck.read_config(checkpoint).max_position_embeddings
 
 
 def run(params: Params, paths: Paths) -> dict:
     """Trains a vocabulary in any case: it is saved, or (when the checkpoint's is adopted) the yardstick."""
     own, started = params.tokenizer, time.perf_counter()
-    trained = to_transformers(train_vocab(training_texts(paths, own), own), own)
-    train_seconds = time.perf_counter() - started
     adopting = not ck.is_scratch(params.pretrain.init)
-    tokenizer = adopted_tokenizer(params.pretrain.init, own) if adopting else trained
+    checkpoint = ck.resolve(params.pretrain.init) if adopting else None
+    length = max_length(params, checkpoint)
+    trained = to_transformers(train_vocab(training_texts(paths, own), own), own, length)
+    train_seconds = time.perf_counter() - started
+    tokenizer = adopted_tokenizer(checkpoint, length) if adopting else trained
     with atomic_dirs([paths.tokenizer]) as (folder,):
         tokenizer.save_pretrained(str(folder))
         write_vocab_txt(folder / "vocab.txt", tokenizer.get_vocab())

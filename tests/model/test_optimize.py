@@ -42,7 +42,7 @@ def test_every_variant_is_built_measured_and_loadable(tiny_optimized):
     for name in VARIANTS:
         model = open_model(tiny_optimized / "artifacts" / "optimized" / name)
         frame = model.frame(texts)
-        assert list(frame.columns) == ["label", "score_0", "score_1"], name
+        assert list(frame.columns) == ["label", "score_0", "score_1", "truncated"], name
         assert np.allclose(frame[["score_0", "score_1"]].sum(axis=1), 1.0) and set(frame["label"]) <= {"0", "1"}
     runtimes = {name: row["runtime"] for name, row in figures.items()}
     assert runtimes == {"fp32": "torch", "int8": "torch_int8", "onnx": "onnxruntime", "onnx_int8": "onnxruntime",
