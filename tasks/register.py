@@ -4,7 +4,8 @@ Reads: ``artifacts/classifier`` (logged once, as the model), ``data/labeled/test
 fingerprint), ``reports/*.json`` and curves (through bertflow/tracking.py), ``dvc.lock`` and git.
 Writes: to MLflow, a pipeline run with nested stage runs and one new version of the registered
 model (a pyfunc from bertflow/serving.py) with alias ``challenger``, and ``champion`` when it wins the
-gate; the model card is the version's description. Locally, ``reports/register.json``.
+gate (a new champion's variants are registered just before it, a losing version gets none); the model card
+is the version's description. Locally, ``reports/register.json``.
 Run: ``bertflow register``. When the registry does not answer it retries with back-off, then fails
 naming the registry; everything trained stays on disk and re-running ``register`` alone registers it.
 """
@@ -146,19 +147,25 @@ def publish(client, settings: RegisterParams, params: Params, paths: Paths, figu
         started = time.perf_counter()
         new = Standing("new", figures["test"][settings.metric], figures["fingerprint"])
         decision, reason = promotion(new, champion, settings.metric, settings.min_delta)
+        reports = {stage: tracking.read_report(paths, stage) for stage in tracking.STAGE_ORDER}
+        # a new champion's variants are registered before it, so the newest version (and `latest`) is always a
+        # classifier; a version that loses the gate gets no variants (nobody would serve them)
+        variants = register_variants(client, settings, paths, figures, key, run_id, reports.get("optimize", {})) \
+            if decision == CHAMPION else []
         if earlier is None:
             tags = version_tags(figures, new, champion, settings.metric, decision, reason, lineage, run_id)
             version = str(mlflow_register(model_uri, settings.model_name, {**tags, KEY_TAG: key}))
         else:
             version = str(earlier.version)
-        reports = {stage: tracking.read_report(paths, stage) for stage in tracking.STAGE_ORDER}
+        variants = link_variants(client, settings.model_name, version, variants, figures,
+                                 reports.get("optimize", {}).get("variants", {}))
         card = model_card(settings.model_name, version, params.model_dump(mode="json"), reports,
                           {**lineage, "mlflow_run_id": run_id}, decision, reason)
         client.update_model_version(settings.model_name, version, description=card)
+        describe_registered_model(client, settings.model_name)
         client.set_registered_model_alias(settings.model_name, CHALLENGER, version)
         if decision == CHAMPION:
             client.set_registered_model_alias(settings.model_name, CHAMPION, version)
-        variants = register_variants(client, settings, paths, figures, version, run_id, reports.get("optimize", {}))
         fast = fast_alias(client, settings, variants, decision, version, figures)
         tracking.log_report_artifacts(client, run_id, paths, card)
         client.set_tag(run_id, "registered_version", f"{settings.model_name}/{version}")
@@ -195,38 +202,64 @@ def standing_before(version) -> Standing | None:
                     tags.get("test_data_fingerprint", ""))
 
 
-def register_variants(client, settings: RegisterParams, paths: Paths, figures: dict, version: str, run_id: str,
-                      optimize: dict) -> list[Variant]:
-    """Every variant of reports/optimize.json as a version of the same registered model, tagged ``variant``.
+VARIANT_KEY_TAG = "variant_registration_key"  # a variant's link to the registration it belongs to (resume)
 
-    Returns them with the new fp32 version itself (variant ``fp32``), as the ``fast`` gate sees them.
-    """
+
+def register_variants(client, settings: RegisterParams, paths: Paths, figures: dict, key: str, run_id: str,
+                      optimize: dict) -> list[Variant]:
+    """Every variant of reports/optimize.json as a version of the same registered model (an alias such as
+    ``fast`` can only name a version of its own model), tagged ``variant`` and ``runtime``, registered before
+    the classifier they belong to; ``link_variants`` then tags them ``variant_of`` and adds the classifier.
+    Variants a run cut short had registered (the same ``key``) are taken, not registered again."""
     import mlflow
 
     measured = optimize.get("variants", {})
-    reference = measured.get("fp32", {})
-    variants = [Variant("fp32", version, figures["test"]["accuracy"], reference.get("throughput_b1", 0.0))]
     done = {v.tags.get("variant"): str(v.version) for v in client.search_model_versions(
-        f"name='{settings.model_name}' and tags.variant_of='{version}'")}  # by a run cut short
+        f"name='{settings.model_name}' and tags.{VARIANT_KEY_TAG}='{key}'")}
+    variants = []
     for name, measures in measured.items():
         folder = paths.optimized / name
         if name == "fp32" or not folder.is_dir():
             continue
-        if name in done:
-            variants.append(Variant(name, done[name], measures["accuracy"], measures["throughput_b1"]))
-            continue
-        uri = log_model(run_id, folder, figures["example"], f"variant-{name}", measures["runtime"])
-        tags = metric_tags(measures)
-        tags.update({"variant": name, "variant_of": version, "runtime": measures["runtime"],
-                     "test_data_fingerprint": figures["fingerprint"], "mlflow_run_id": run_id})
-        registered = str(mlflow.register_model(uri, settings.model_name, tags=tags).version)
-        client.update_model_version(settings.model_name, registered, description=(
-            f"Variant `{name}` ({measures['runtime']}) of {settings.model_name} v{version}: accuracy "
-            f"{measures['accuracy']}, {measures['speedup_b1']}× the fp32 batch-1 throughput, {measures['size_mb']} MB. "
-            f"Figures and the trade-off table: version {version}'s description."))
-        variants.append(Variant(name, registered, measures["accuracy"], measures["throughput_b1"]))
-    client.set_model_version_tag(settings.model_name, version, "variant", "fp32")
+        if name not in done:
+            uri = log_model(run_id, folder, figures["example"], f"variant-{name}", measures["runtime"])
+            tags = metric_tags(measures)
+            tags.update({"variant": name, "runtime": measures["runtime"], VARIANT_KEY_TAG: key,
+                         "test_data_fingerprint": figures["fingerprint"], "mlflow_run_id": run_id})
+            done[name] = str(mlflow.register_model(uri, settings.model_name, tags=tags).version)
+        variants.append(Variant(name, done[name], measures["accuracy"], measures["throughput_b1"]))
     return variants
+
+
+def link_variants(client, name: str, version: str, variants: list[Variant], figures: dict,
+                  optimize: dict) -> list[Variant]:
+    """Tag each variant ``variant_of`` = the classifier's version and describe it (``optimize``: the figures of
+    reports/optimize.json's ``variants``); returns them with the classifier itself (variant ``fp32``), as the
+    ``fast`` gate sees them."""
+    for variant in variants:
+        client.set_model_version_tag(name, variant.version, "variant_of", version)
+        measures = optimize.get(variant.name, {})
+        client.update_model_version(name, variant.version, description=(
+            f"Variant `{variant.name}` ({measures.get('runtime', '?')}) of {name} v{version}: accuracy "
+            f"{variant.accuracy}, {measures.get('speedup_b1', '?')}× the fp32 batch-1 throughput, "
+            f"{measures.get('size_mb', '?')} MB. Figures and the trade-off table: version {version}'s description."))
+    client.set_model_version_tag(name, version, "variant", "fp32")
+    fp32 = optimize.get("fp32", {})
+    return [Variant("fp32", version, figures["test"]["accuracy"], fp32.get("throughput_b1", 0.0)), *variants]
+
+
+def describe_registered_model(client, name: str) -> None:
+    """The registered model's description and tags: what it is and how to find a version's forms."""
+    client.update_registered_model(name, description=(
+        "BERT text classifier built by bertflow (corpus → WordPiece → MLM+NSP pretraining → fine-tuning → "
+        "evaluation). Aliases: `champion` (the best on the test data), `challenger` (the newest), `fast` (the "
+        "quickest form of the champion within register.max_accuracy_drop). Classifier versions carry tag "
+        "`variant=fp32`; the champion's other forms (int8, ONNX, student, pruned) are the versions tagged "
+        "`variant_of=<its version>`, registered just before it, so `latest` is always a classifier. Each "
+        "version's description is its model card."))
+    for key, value in {"built_by": "bertflow", "task": "text-classification",
+                       "find_variants": "tags.variant_of = '<version>'"}.items():
+        client.set_registered_model_tag(name, key, value)
 
 
 def fast_alias(client, settings: RegisterParams, variants: list[Variant], decision: str, version: str,

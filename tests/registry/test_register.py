@@ -248,6 +248,24 @@ def test_variants_are_versions_and_fast_never_goes_over_the_budget(tiny_optimize
     assert client.get_model_version_by_alias("bertflow-tiny", FAST).tags["variant"] == expected
     assert "## Variants" in client.get_model_version("bertflow-tiny", report["version"]).description
 
+    # a clean registry: the champion's forms come before it, so the newest version and `latest` are the
+    # classifier; every form is found by its tag; the registered model says what it is
+    versions = client.search_model_versions("name='bertflow-tiny'")
+    assert max(int(v.version) for v in versions) == int(report["version"])
+    assert client.get_latest_versions("bertflow-tiny")[0].tags["variant"] == "fp32"
+    found = client.search_model_versions(f"name='bertflow-tiny' and tags.variant_of='{report['version']}'")
+    assert {v.tags["variant"]: str(v.version) for v in found} == report["variants"]
+    model = client.get_registered_model("bertflow-tiny")
+    assert "variant_of" in model.description and model.tags["built_by"] == "bertflow"
+
+    # a run that loses the gate (the same accuracy: a tie is no win) adds one version and no variant weights
+    (root / "reports" / "register.json").write_text("{}")
+    assert register(root).returncode == 0
+    lost = json.loads((root / "reports" / "register.json").read_text())
+    assert lost["decision"] == CHALLENGER and lost["variants"] == {}
+    assert len(client.search_model_versions("name='bertflow-tiny'")) == len(versions) + 1
+    assert str(client.get_model_version_by_alias("bertflow-tiny", FAST).version) == report["fast"]["version"]
+
     # a consumer of a variant needs only mlflow and its runtime, and gets the champion's output format
     texts = ["a fine film", "slow and boring", "warm and funny"]
     champion = consume(uri, "models:/bertflow-tiny@champion", texts)
