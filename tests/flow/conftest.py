@@ -53,6 +53,12 @@ def classifier_versions(project: Path, name: str = "tiny") -> list[int]:
         f"name='{name}' and tags.variant='fp32'"))
 
 
+def registered_version(project: Path) -> int:
+    """The classifier version the project's last register stage recorded (its variants come just before it,
+    so the first classifier is not version 1 once variants are on)."""
+    return int(json.loads((project / "reports" / "register.json").read_text())["version"])
+
+
 def set_params(project: Path, changes: list[tuple[str, str, object]]) -> Path:
     """(section, key, value) changes to params.yaml in one read and one write; a dotted key reaches into a
     sub-section (``("lm_baselines", "lstm.enabled", False)``)."""

@@ -4,7 +4,16 @@ import json
 
 import yaml
 
-from tests.flow.conftest import WHOLE_CHAIN_DVC, mlflow_client, repro, set_param, set_params, sh, write_docs
+from tests.flow.conftest import (
+    WHOLE_CHAIN_DVC,
+    mlflow_client,
+    registered_version,
+    repro,
+    set_param,
+    set_params,
+    sh,
+    write_docs,
+)
 
 # Every optional part: the random-init ablation, both baselines, every variant, the LSTM, report logging.
 EVERY_PART_OFF = [("finetune", "random_init_ablation", False), ("evaluate", "majority_baseline", False),
@@ -72,7 +81,8 @@ def test_whole_chain_under_dvc(built_project, built):
     registered = json.loads((reports / "register.json").read_text())
     assert (project / "mlruns" / "mlflow.db").is_file()
     versions = mlflow_client(project).search_model_versions("name='tiny'")
-    assert [v.version for v in versions if v.tags.get("variant") == "fp32"] == [int(registered["version"]), 1]
+    assert [v.version for v in versions if v.tags.get("variant") == "fp32"] == [int(registered["version"]),
+                                                                                  registered_version(built_project[0])]
     assert registered["variants"] == {}  # no variant built, none registered
 
     # register has side effects: a params value it had before calls MLflow again (a new version), never
