@@ -136,6 +136,18 @@ def tiny_trained(tiny_run, tmp_path_factory):
     return Path(once_per_run(tmp_path_factory, "tiny_trained", build))
 
 
+def forget_mlflow_uris() -> None:
+    """Undo what a registration in this process set: MLflow's tracking and registry URIs and the environment
+    variables it exports for children. ``mlflow.set_registry_uri(None)`` alone leaves MLFLOW_REGISTRY_URI
+    behind, and a later ``models:/`` in the same pytest worker then reads another test's store."""
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(key, None)
+
+
 def copy_outputs(source: Path, target: Path) -> Path:
     """A private copy of a project's data/, artifacts/ and reports/ (checkpoints left out)."""
     import shutil

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, copy_outputs
+from tests.conftest import REPO, copy_outputs, forget_mlflow_uris
 
 BIN = Path(sys.executable).parent
 NAME = "bertflow-tiny"  # params.tiny.yaml's register.model_name
@@ -27,8 +27,6 @@ pytestmark = pytest.mark.xdist_group("registered")
 @pytest.fixture(scope="module")
 def registered(tiny_optimized, tmp_path_factory):
     """A private copy of the tiny optimized project, registered in its embedded store (mlruns/)."""
-    import mlflow
-
     from tasks.cli import run_stage
 
     root = copy_outputs(tiny_optimized, tmp_path_factory.mktemp("consumers") / "project")
@@ -39,8 +37,7 @@ def registered(tiny_optimized, tmp_path_factory):
         try:
             result = run_stage("register", REPO / "params.tiny.yaml", root)
         finally:
-            mlflow.set_tracking_uri(None)
-            mlflow.set_registry_uri(None)
+            forget_mlflow_uris()
     return root, f"sqlite:///{root}/mlruns/mlflow.db", result
 
 
@@ -67,10 +64,11 @@ def registry_frame(uri: str, model_uri: str, texts: list[str]):
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         return mlflow.pyfunc.load_model(model_uri).predict(texts)
     finally:
-        mlflow.set_tracking_uri(None)
+        forget_mlflow_uris()
 
 
 def registry_labels(uri: str, model_uri: str, texts: list[str]) -> list[str]:

@@ -16,7 +16,7 @@ from bertflow.params import VARIANTS
 from bertflow.registry import Standing, Variant, fast_choice, promotion, redact
 from bertflow.tracking import dvc_lock_hashes, flatten, numeric, read_curve
 from tasks.register import CHALLENGER, CHAMPION, FAST, data_fingerprint
-from tests.conftest import REPO, copy_outputs
+from tests.conftest import REPO, copy_outputs, forget_mlflow_uris
 
 BIN = Path(sys.executable).parent
 MLFLOW_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # a subprocess here names its store itself
@@ -106,7 +106,6 @@ def register(root: Path, env: dict | None = None) -> subprocess.CompletedProcess
 def register_here(root: Path, monkeypatch, tracking_uri: str | None = None, overrides: dict | None = None) -> dict:
     """The register stage in this test's process: the same ``run_stage`` the CLI calls, without another
     start of Python, MLflow and torch (some 15 CPU-seconds each); the CLI itself is ``register``."""
-    import mlflow
 
     from tasks.cli import run_stage
 
@@ -121,8 +120,7 @@ def register_here(root: Path, monkeypatch, tracking_uri: str | None = None, over
     try:
         return run_stage("register", REPO / "params.tiny.yaml", root, overrides)
     finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+        forget_mlflow_uris()
 
 
 def consume(uri: str, model_uri: str, texts: list[str], blocked: tuple[str, ...] = ()) -> dict:
