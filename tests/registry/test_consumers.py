@@ -54,9 +54,10 @@ def environment(uri: str) -> dict:
     return env
 
 
-def predict(uri: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def predict(uri: str, *args: str, stdin: str | None = None, progress: bool = False) -> subprocess.CompletedProcess:
     """``bertflow predict`` as a user runs it (through ``python -m tasks.cli``, this checkout's code)."""
-    return subprocess.run([sys.executable, "-m", "tasks.cli", "predict", "--no-progress", *args], input=stdin,
+    quiet = [] if progress else ["--no-progress"]
+    return subprocess.run([sys.executable, "-m", "tasks.cli", "predict", *quiet, *args], input=stdin,
                           capture_output=True, text=True, timeout=600, env=environment(uri), cwd=REPO)
 
 
@@ -114,6 +115,18 @@ def test_predict_takes_every_kind_of_model_and_input(registered, test_texts, tmp
     table = predict(uri, "-m", f"models:/{NAME}@champion", stdin="\n".join(texts[:2]) + "\n")
     assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:2] == ["text", "label"]
     assert len(table.stdout.splitlines()) == 3
+
+
+def test_predict_shows_a_progress_bar_on_long_inputs_only(registered, test_texts):
+    root, uri, _ = registered
+    folder = str(root / "artifacts/classifier")
+    texts = (test_texts * 600)[:600]  # past PROGRESS_FROM (512)
+    long = predict(uri, "-m", folder, "-f", "csv", stdin="\n".join(texts) + "\n", progress=True)
+    assert long.returncode == 0, long.stderr[-2000:]
+    assert "600/600" in long.stderr and "text/s" in long.stderr, long.stderr[-2000:]
+    assert len(long.stdout.splitlines()) == 601  # the header and every text, the bar on stderr only
+    short = predict(uri, "-m", folder, stdin="\n".join(texts[:5]) + "\n", progress=True)
+    assert short.returncode == 0 and "5/5" not in short.stderr
 
 
 @pytest.mark.parametrize("args, expected", [
