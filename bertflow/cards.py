@@ -7,6 +7,8 @@ evaluate's McNemar tests, so the card and the page say the same thing.
 
 from __future__ import annotations
 
+from bertflow.architectures import ARCHITECTURES, MODEL_TYPES
+
 BASELINES = {"random_init": "random init (no pretraining)", "majority": "majority class",
              "tfidf_logreg": "TF-IDF + logistic regression"}
 
@@ -38,8 +40,9 @@ def model_card(name: str, version: str | None, params: dict, reports: dict, line
         f"- Sources: {', '.join(s['path'] for s in params['ingest']['corpus']['sources'])}; labeled "
         f"{params['ingest']['labeled']['train']}.", "",
         "## Model and training", "",
-        f"- BERT L{model['num_hidden_layers']}/H{model['hidden_size']}/A{model['num_attention_heads']}, "
-        f"{pretrain.get('parameters', '?')} parameters, vocabulary {reports.get('tokenizer', {}).get('vocab_size')}.",
+        f"- {family(params['pretrain'].get('architecture', 'bert'))} L{model['num_hidden_layers']}/"
+        f"H{model['hidden_size']}/A{model['num_attention_heads']}, {pretrain.get('parameters', '?')} parameters, "
+        f"vocabulary {reports.get('tokenizer', {}).get('vocab_size')}.",
         f"- Pretraining: {pretrain.get('steps', '?')} steps, {pretrain.get('tokens', '?')} tokens in "
         f"{pretrain.get('seconds', '?')} s; held-out MLM accuracy "
         f"{evaluation.get('pretrained_heldout', {}).get('mlm_accuracy', '?')}, NSP accuracy "
@@ -104,6 +107,36 @@ def comparisons(evaluation: dict) -> list[tuple[str, dict, str]]:
     return found
 
 
+def family(architecture: str) -> str:
+    """How the card names an architecture (``pretrain.architecture`` or a config's ``model_type``):
+    "post-LayerNorm BERT", "pre-LayerNorm BERT (MegatronBert)"."""
+    return ARCHITECTURES.get(MODEL_TYPES.get(architecture, architecture), architecture)
+
+
+def points(value: float) -> str:
+    return f"{100 * value:+.1f} points"
+
+
+def pretraining_verdict(evaluation: dict) -> str | None:
+    """One sentence: did pretraining pay in this run, and by how much (None without the random-init ablation)."""
+    gain = evaluation.get("pretraining_gain")
+    if not gain:
+        return None
+    interval, seeds = gain["gain_interval"], len(gain["classifier_accuracy_by_seed"])
+    opening = {"classifier": "Pretraining paid", "baseline": "Pretraining cost accuracy"}.get(
+        gain["better"], "Pretraining did not pay measurably")
+    bounds = f"[{100 * interval['lower']:+.1f}, {100 * interval['upper']:+.1f}]"
+    sentence = (f"{opening}: {points(gain['gain'])} over the same fine-tuning from random weights "
+                f"({100 * gain['classifier_accuracy']:.1f} % vs {100 * gain['other_accuracy']:.1f} %, "
+                f"{100 * interval['level']:.0f} % interval {bounds}, "
+                f"exact paired p = {gain['p_value']:.2g}, {seeds} seed{'s' if seeds > 1 else ''})")
+    tfidf = gain.get("tfidf_logreg")
+    if tfidf:
+        sentence += (f"; against TF-IDF + logistic regression ({100 * tfidf['other_accuracy']:.1f} %) "
+                     f"{points(tfidf['gain'])}, p = {tfidf['p_value']:.2g}")
+    return sentence + "."
+
+
 def comparison_lines(evaluation: dict) -> list[str]:
     """The card's lines on the interval and the McNemar tests (none for a report from before them)."""
     test = evaluation.get("test", {})
@@ -112,6 +145,9 @@ def comparison_lines(evaluation: dict) -> list[str]:
         return []
     lines = [f"Test accuracy {interval_text(test)}: {100 * interval['level']:.0f} % percentile bootstrap interval, "
              f"{interval['resamples']:,} resamples of the {evaluation.get('test_rows', '?')} test rows.", ""]
+    verdict = pretraining_verdict(evaluation)
+    if verdict:
+        lines += [verdict, ""]
     found = comparisons(evaluation)
     if found:
         lines += ["Exact McNemar tests on the rows where classifier and baseline disagree (b: only the classifier "
@@ -150,7 +186,8 @@ def folder_card(labels: list[str], run: dict, settings: dict, config: dict) -> s
              "- bertflow", "- text-classification", "---", ""]
     return "\n".join(front + [
         "# bertflow classifier", "",
-        f"A BERT sequence classifier (L{config['num_hidden_layers']}/H{config['hidden_size']}/"
+        f"A {family(config.get('model_type', 'bert'))} sequence classifier (L{config['num_hidden_layers']}/"
+        f"H{config['hidden_size']}/"
         f"A{config['num_attention_heads']}, {config['max_position_embeddings']} positions, vocabulary "
         f"{config['vocab_size']}) fine-tuned by `bertflow finetune`. Labels: {', '.join(labels)}.", "",
         "## Use", "",

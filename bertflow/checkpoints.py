@@ -13,10 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from bertflow import architectures
 from bertflow.io import InputError
 from bertflow.params import HF_PREFIX, SCRATCH
 
-SUPPORTED = "BERT checkpoints (model_type 'bert': BertForPreTraining, BertForMaskedLM or a bare BertModel)"
+SUPPORTED = ("BERT checkpoints (model_type 'bert' or 'megatron-bert': ...ForPreTraining, ...ForMaskedLM or a bare "
+             "...Model)")
 # the sizes a checkpoint fixes; pretrain.model must agree with them (its dropout rates are training settings)
 ARCHITECTURE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "max_position_embeddings")
@@ -69,17 +71,15 @@ def resolve(spec: str, where: str = "pretrain.init") -> Checkpoint:
 
 
 def read_config(checkpoint: Checkpoint, where: str = "pretrain.init"):
-    """The checkpoint's BertConfig, after insisting that it is a BERT with safetensors weights."""
+    """The checkpoint's config, after insisting that it is a BERT (post- or pre-LN) with safetensors weights."""
     raw = json.loads((checkpoint.path / "config.json").read_text(encoding="utf-8"))
     kind = raw.get("model_type")
-    if kind != "bert":
-        architectures = ", ".join(raw.get("architectures") or []) or "no architectures listed"
+    if kind not in architectures.MODEL_TYPES:
+        classes = ", ".join(raw.get("architectures") or []) or "no architectures listed"
         raise InputError(f"{where}: {checkpoint.spec} is a {kind or 'model without model_type'} checkpoint "
-                         f"({architectures}); supported: {SUPPORTED}")
+                         f"({classes}); supported: {SUPPORTED}")
     check_weights(checkpoint, where)
-    from transformers import BertConfig
-
-    config = BertConfig.from_pretrained(str(checkpoint.path))
+    config = architectures.config_class(architectures.MODEL_TYPES[kind]).from_pretrained(str(checkpoint.path))
     if config.type_vocab_size < 2:
         raise InputError(f"{where}: {checkpoint.spec} has type_vocab_size {config.type_vocab_size}; next-sentence "
                          "pairs need two segment types")
@@ -110,14 +110,19 @@ def check_sizes(config, model_params, where: str = "pretrain.model") -> None:
                          "checkpoint's sizes there (a checkpoint's shape cannot change)")
 
 
-def starting_config(checkpoint: Checkpoint, model_params):
+def starting_config(checkpoint: Checkpoint, model_params, architecture: str = "bert"):
     """The checkpoint's config with pretrain.model's dropout rates and the MLM decoder tied to the
-    word embeddings (BERT's own arrangement), checked against pretrain.model."""
+    word embeddings (BERT's own arrangement), checked against pretrain.model and pretrain.architecture."""
     config = read_config(checkpoint)
+    found = architectures.MODEL_TYPES[config.model_type]
+    if found != architecture:
+        raise InputError(f"pretrain.architecture is {architecture} but the checkpoint of pretrain.init is "
+                         f"{found}; write {found} there (a checkpoint's architecture cannot change)")
     check_sizes(config, model_params)
     config.update({"hidden_dropout_prob": model_params.hidden_dropout_prob,
                    "attention_probs_dropout_prob": model_params.attention_probs_dropout_prob,
-                   "tie_word_embeddings": True, "architectures": ["BertForPreTraining"]})
+                   "tie_word_embeddings": True,
+                   "architectures": [architectures.pretraining_class(found).__name__]})
     return config
 
 
@@ -138,22 +143,21 @@ def new_heads(missing: list[str]) -> list[str]:
 
 
 def load_pretraining_model(checkpoint: Checkpoint, config, seed: int, attention: str = "sdpa"):
-    """(BertForPreTraining, heads that were new) from the checkpoint; new heads get BERT's initialisation
+    """(its ...ForPreTraining model, heads that were new) from the checkpoint; new heads get BERT's initialisation
     from ``seed``, so two runs start from the same weights."""
     import torch
-    from transformers import BertForPreTraining
     from transformers.utils import logging as hf_logging
 
     torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the heads it lacks are reported in reports/pretrain.json instead
     try:
-        model, info = BertForPreTraining.from_pretrained(
+        model, info = architectures.pretraining_class(architectures.MODEL_TYPES[config.model_type]).from_pretrained(
             str(checkpoint.path), config=config, use_safetensors=True, local_files_only=True,
             output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-    model.set_attn_implementation(attention)
+    architectures.set_attention(model, attention)
     model.tie_weights()
     return model, new_heads(list(info.get("missing_keys", [])))
 

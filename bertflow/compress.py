@@ -1,7 +1,8 @@
 """Making the classifier cheaper: int8 quantization, ONNX export, distillation into a student, pruning.
 
-Each function takes the fine-tuned classifier (a transformers ``BertForSequenceClassification``)
-and writes one variant folder that ``bertflow/serving.py`` can open: ``tokenizer.json`` and
+Each function takes the fine-tuned classifier (a transformers ``BertForSequenceClassification`` or
+``MegatronBertForSequenceClassification``) and writes one variant folder that ``bertflow/serving.py``
+can open: ``tokenizer.json`` and
 ``config.json`` always, the weights, and ``variant.json`` naming the runtime when it is not a
 plain ``save_pretrained`` model. Reads nothing itself; the stage (tasks/optimize.py) hands in the
 models and data. The training loops (distillation, pruning recovery) write a metrics CSV row
@@ -20,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
 from bertflow import training as tr
+from bertflow.architectures import set_attention
 from bertflow.classification import Encoded
 from bertflow.io import InputError, write_json
 from bertflow.serving import VARIANT_FILE, quantize_int8
@@ -42,7 +44,7 @@ def copy_tokenizer(source: Path, folder: Path) -> None:
             shutil.copy(source / name, folder / name)
 
 
-def save_variant(model: BertForSequenceClassification, source: Path, folder: Path) -> Path:
+def save_variant(model: PreTrainedModel, source: Path, folder: Path) -> Path:
     """A plain ``save_pretrained`` variant (student, pruned): served like the champion."""
     model.save_pretrained(str(folder))
     copy_tokenizer(source, folder)
@@ -57,7 +59,7 @@ def describe(folder: Path, name: str, runtime: str, weights: str, **extra) -> Pa
 # ---------------------------------------------------------------- quantization (PyTorch)
 
 
-def quantized_variant(model: BertForSequenceClassification, source: Path, folder: Path) -> Path:
+def quantized_variant(model: PreTrainedModel, source: Path, folder: Path) -> Path:
     """int8 dynamic quantization of every linear layer; the int8 state dict is what is stored."""
     quantized = quantize_int8(copy.deepcopy(model).eval())
     model.config.save_pretrained(str(folder))
@@ -72,7 +74,7 @@ def quantized_variant(model: BertForSequenceClassification, source: Path, folder
 class LogitsOnly(torch.nn.Module):
     """The classifier with positional inputs and one output, as the exporter wants it."""
 
-    def __init__(self, model: BertForSequenceClassification):
+    def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
 
@@ -80,10 +82,10 @@ class LogitsOnly(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
 
 
-def onnx_variant(model: BertForSequenceClassification, source: Path, folder: Path, opset: int) -> Path:
+def onnx_variant(model: PreTrainedModel, source: Path, folder: Path, opset: int) -> Path:
     """Export with dynamic batch and sequence axes (the TorchScript exporter; eager attention)."""
     exported = copy.deepcopy(model).eval()
-    exported.set_attn_implementation("eager")
+    set_attention(exported, "eager")
     example = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
     inputs = (example, (example > 0).long(), torch.zeros_like(example))
     axes = {name: {0: "batch", 1: "sequence"} for name in ONNX_INPUTS}
@@ -157,7 +159,7 @@ def train_steps(model, data: Encoded, extra: dict[str, list], loss_fn: Callable,
 # ---------------------------------------------------------------- distillation
 
 
-def student_config(teacher: BertConfig, shape) -> BertConfig:
+def student_config(teacher: PretrainedConfig, shape) -> PretrainedConfig:
     """The teacher's config with the student's depth/width where ``shape`` (StudentParams) sets them."""
     config = copy.deepcopy(teacher)
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
@@ -175,7 +177,7 @@ def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
     return [i * teacher_layers // student_layers for i in range(student_layers)]
 
 
-def initialize_student(student: BertForSequenceClassification, source: dict[str, torch.Tensor],
+def initialize_student(student: PreTrainedModel, source: dict[str, torch.Tensor],
                        source_layers: int) -> dict:
     """Copy ``source`` weights into the student wherever name (after layer mapping) and shape agree."""
     mapping = layer_map(source_layers, student.config.num_hidden_layers)
@@ -213,12 +215,12 @@ def distillation_loss(temperature: float, alpha: float) -> Callable:
     return loss_fn
 
 
-def distill(teacher_config: BertConfig, init_weights: dict | None, init_layers: int, data: Encoded,
-            teacher_logits: np.ndarray, params, pad_id: int, curve) -> tuple[BertForSequenceClassification, dict]:
+def distill(teacher_config: PretrainedConfig, init_weights: dict | None, init_layers: int, data: Encoded,
+            teacher_logits: np.ndarray, params, pad_id: int, curve) -> tuple[PreTrainedModel, dict]:
     """Train the student on the teacher's softened outputs mixed with the true labels."""
     torch.manual_seed(params.seed)
-    student = BertForSequenceClassification(student_config(teacher_config, params.student))
-    student.set_attn_implementation("eager")
+    student = AutoModelForSequenceClassification.from_config(student_config(teacher_config, params.student))
+    set_attention(student, "eager")
     init = initialize_student(student, init_weights, init_layers) if init_weights is not None else {
         "initialized_share": 0.0}
     started = time.perf_counter()
@@ -234,18 +236,18 @@ def distill(teacher_config: BertConfig, init_weights: dict | None, init_layers: 
 # ---------------------------------------------------------------- pruning
 
 
-def prunable(model: BertForSequenceClassification) -> list[tuple[torch.nn.Module, str]]:
+def prunable(model: PreTrainedModel) -> list[tuple[torch.nn.Module, str]]:
     return [(module, "weight") for module in model.bert.encoder.modules() if isinstance(module, torch.nn.Linear)]
 
 
-def prune_magnitude(model: BertForSequenceClassification, data: Encoded, params, pad_id: int, curve,
-                    log_every: int) -> tuple[BertForSequenceClassification, dict]:
+def prune_magnitude(model: PreTrainedModel, data: Encoded, params, pad_id: int, curve,
+                    log_every: int) -> tuple[PreTrainedModel, dict]:
     """Global L1 (magnitude) pruning of the encoder's linear weights, then a recovery fine-tune with the
     mask held; the zeros are made permanent. Unstructured: dense kernels run as before (see the figures)."""
     from torch.nn.utils import prune
 
     pruned = copy.deepcopy(model)
-    pruned.set_attn_implementation("eager")
+    set_attention(pruned, "eager")
     targets = prunable(pruned)
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=params.sparsity)
     torch.manual_seed(params.seed)

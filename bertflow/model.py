@@ -12,40 +12,42 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForPreTraining, BertForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from bertflow import architectures
 from bertflow.io import InputError
 
 
-def construct_config(model_params, vocab_size: int, pad_token_id: int) -> BertConfig:
-    """A BertConfig from the ``pretrain.model`` section and the tokenizer's vocabulary size."""
-    return BertConfig(vocab_size=vocab_size, pad_token_id=pad_token_id, type_vocab_size=2,
-                      **model_params.model_dump())
+def construct_config(model_params, vocab_size: int, pad_token_id: int, architecture: str = "bert") -> PretrainedConfig:
+    """The ``architecture``'s config (every field given: MegatronBert's defaults are 24 × 1024) from the
+    ``pretrain.model`` section and the tokenizer's vocabulary size."""
+    return architectures.config_class(architecture)(vocab_size=vocab_size, pad_token_id=pad_token_id,
+                                                    type_vocab_size=2, **model_params.model_dump())
 
 
-def check_vocab(config: BertConfig, vocab_size: int, where: str) -> None:
+def check_vocab(config: PretrainedConfig, vocab_size: int, where: str) -> None:
     if config.vocab_size != vocab_size:
         raise InputError(f"{where}: the model has vocab_size {config.vocab_size} but the tokenizer has "
                          f"{vocab_size} tokens; they must be the same (retrain the model, or use its own tokenizer)")
 
 
-def check_positions(config: BertConfig, max_seq_length: int, where: str) -> None:
+def check_positions(config: PretrainedConfig, max_seq_length: int, where: str) -> None:
     if max_seq_length > config.max_position_embeddings:
         raise InputError(f"{where}: sequences of up to {max_seq_length} tokens but the model has only "
                          f"max_position_embeddings={config.max_position_embeddings}")
 
 
-def construct_pretraining_model(config: BertConfig, seed: int, attention: str = "sdpa") -> BertForPreTraining:
+def construct_pretraining_model(config: PretrainedConfig, seed: int, attention: str = "sdpa") -> PreTrainedModel:
     """Random weights from ``seed``; ``attention`` ("eager" or "sdpa") is a run-time choice, not saved."""
     torch.manual_seed(seed)
-    model = BertForPreTraining(config)
-    model.set_attn_implementation(attention)
+    model = architectures.pretraining_class(architectures.architecture_of(config.model_type, "model config"))(config)
+    architectures.set_attention(model, attention)
     return model
 
 
 def load_classifier(path: Path, labels: list[str] | None = None, dropout: float | None = None,
-                    random_init: bool = False, encoder_dropout: float | None = None) -> BertForSequenceClassification:
+                    random_init: bool = False, encoder_dropout: float | None = None) -> PreTrainedModel:
     """A sequence classifier from a saved BERT (pretraining or classification layout).
 
     With ``labels`` the head is (re)built for them and ``id2label``/``label2id`` go into the config;
@@ -55,7 +57,8 @@ def load_classifier(path: Path, labels: list[str] | None = None, dropout: float 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: no transformers model here (config.json missing)")
-    config = BertConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path))
+    architectures.architecture_of(config.model_type, str(path))
     extra = {}
     if labels is not None:
         extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
@@ -66,12 +69,12 @@ def load_classifier(path: Path, labels: list[str] | None = None, dropout: float 
         extra.update(hidden_dropout_prob=encoder_dropout, attention_probs_dropout_prob=encoder_dropout)
     if random_init:
         config.update(extra)
-        return BertForSequenceClassification(config)
+        return AutoModelForSequenceClassification.from_config(config)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the pretraining heads it drops are expected, not news
     try:
-        return BertForSequenceClassification.from_pretrained(str(path), ignore_mismatched_sizes=labels is not None,
-                                                             **extra)
+        return AutoModelForSequenceClassification.from_pretrained(str(path), ignore_mismatched_sizes=labels is not None,
+                                                                  **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -102,13 +105,13 @@ def compiled_masked_lm_loss():
     return torch.compile(masked_lm_loss, dynamic=True)
 
 
-def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor],
+def pretraining_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor],
                      mlm_loss=masked_lm_loss) -> PretrainingOutput:
     """MLM cross-entropy (on the masked positions only) + NSP cross-entropy.
 
-    Same value as ``BertForPreTraining``'s own loss, without projecting the unmasked positions
-    onto the vocabulary: that projection is most of a small model's compute. ``mlm_loss`` is
-    ``masked_lm_loss`` or its compiled form.
+    Same value as ``BertForPreTraining``'s (or ``MegatronBertForPreTraining``'s) own loss, without
+    projecting the unmasked positions onto the vocabulary: that projection is most of a small model's
+    compute. ``mlm_loss`` is ``masked_lm_loss`` or its compiled form.
     """
     hidden, pooled = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 token_type_ids=batch["token_type_ids"], return_dict=False)[:2]

@@ -159,6 +159,9 @@ class PretrainParams(BudgetFields):
         SCRATCH, description="scratch (random weights, sizes from pretrain.model), or a BERT checkpoint to "
         "continue from: a local save_pretrained folder or hf:<repo id>[@revision] (sizes and vocabulary then come "
         "from it; the tokenizer stage adopts its vocabulary)")
+    architecture: Literal["bert", "megatron_bert"] = Field(
+        "bert", description="bert: post-LayerNorm BERT; megatron_bert: pre-LayerNorm (transformers' MegatronBert), "
+        "stable at higher peak learning rates. From a checkpoint (init), it must name the checkpoint's own")
     model: BertModelParams = BertModelParams()
     batch_size: int = Field(64, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -221,6 +224,9 @@ class FinetuneParams(BudgetFields):
     budget_optional: ClassVar[bool] = True
     init: str = Field("pretrained", description="'pretrained' (artifacts/pretrained) or a local BERT checkpoint folder")
     random_init_ablation: bool = Field(True, description="also fine-tune the same model from random weights")
+    seeds: int = Field(1, ge=1, le=20, description=(
+        "fine-tune the classifier (and the random-init ablation) with this many seeds: seed, seed+1, ...; "
+        "evaluate tests pretraining's gain over all of them. The first seed's classifier is the one registered"))
     max_seq_length: int = Field(128, ge=8)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-4, gt=0, lt=1)

@@ -43,8 +43,14 @@ class Paths:
 
     @property
     def ablation(self) -> Path:
-        """Ablation models: ``random_init/`` is the same fine-tuning from random weights."""
+        """Ablation models: ``random_init/`` is the same fine-tuning from random weights; ``seeds/`` holds the
+        further fine-tuning seeds (``finetune.seeds``), see ``replica``."""
         return self.root / "artifacts" / "ablation"
+
+    def replica(self, kind: str, seed: int) -> Path:
+        """The model of a further fine-tuning seed (``kind``: pretrained or random_init), kept for evaluate's
+        paired test over seeds; the first seed's are ``classifier`` and ``ablation/random_init``."""
+        return self.ablation / "seeds" / f"{kind}_seed{seed}"
 
     @property
     def finetune_checkpoints(self) -> Path:

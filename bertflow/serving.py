@@ -98,21 +98,22 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class TorchRuntime:
-    """A transformers BertForSequenceClassification (fp32, or int8 after dynamic quantization)."""
+    """A transformers sequence classifier, BERT or MegatronBert by its config (fp32, or int8 after dynamic
+    quantization)."""
 
     def __init__(self, folder: Path, variant: dict, threads: int | None):
         import torch
-        from transformers import BertConfig, BertForSequenceClassification
+        from transformers import AutoConfig, AutoModelForSequenceClassification
 
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
         if variant.get("runtime") == "torch_int8":
-            model = BertForSequenceClassification(BertConfig.from_pretrained(str(folder))).eval()
-            model = quantize_int8(model)
+            config = AutoConfig.from_pretrained(str(folder))
+            model = quantize_int8(AutoModelForSequenceClassification.from_config(config).eval())
             model.load_state_dict(torch.load(folder / variant["weights"], weights_only=True))
         else:
-            model = BertForSequenceClassification.from_pretrained(str(folder)).eval()
+            model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
         self.model = model
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -12,6 +12,13 @@ row is a fair coin, so the exact two-sided p is min(1, 2 · P(X <= min(b, c))) w
 
     >>> mcnemar(np.array([1] * 10 + [0] * 2, bool), np.array([0] * 10 + [1] * 2, bool))["p_value"]
     0.03857
+
+Over several fine-tuning seeds (the pretrained classifier and its random-init ablation, each fine-tuned
+with seeds s, s+1, ...), each test row i gets d_i = (times the classifier got it right) − (times the
+other side did), an integer in [−N, N]. With no difference between the two sides, which side a row's
+outcomes belong to is a coin flip, so the exact paired sign-flip test compares |Σ d_i| with the
+distribution of |Σ ±|d_i||, worked out exactly by convolving one binomial per magnitude. With one seed
+it is McNemar's exact test; the gain's interval resamples the test rows, as the accuracy's does.
 """
 
 from __future__ import annotations
@@ -44,14 +51,15 @@ def accuracy_interval(correct, resamples: int = 10_000, seed: int = 0, level: fl
         raise InputError(f"bootstrap resamples must be at least 1, got {resamples}")
     if not 0 < level < 1:
         raise InputError(f"interval level must be between 0 and 1, got {level}")
-    accuracies = resampled_accuracies(correct, resamples, np.random.default_rng(seed))
+    accuracies = resampled_means(correct, resamples, np.random.default_rng(seed))
     lower, upper = np.quantile(accuracies, [(1 - level) / 2, (1 + level) / 2])
     return {"lower": round(float(lower), 5), "upper": round(float(upper), 5), "level": level,
             "resamples": resamples, "seed": seed}
 
 
-def resampled_accuracies(correct: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """The accuracy of each of ``resamples`` resamples of the rows (with replacement), in chunks."""
+def resampled_means(correct: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """The mean of each of ``resamples`` resamples of the rows (with replacement), in chunks: the accuracy of
+    right/wrong flags, the gain of per-row differences."""
     accuracies = []
     for start in range(0, resamples, CHUNK):
         rows = rng.integers(0, correct.size, size=(min(CHUNK, resamples - start), correct.size))
@@ -83,3 +91,67 @@ def better(b: int, c: int, p: float) -> str:
     if p >= ALPHA:
         return NEITHER
     return "classifier" if b > c else "baseline"
+
+
+def correctness_runs(values, name: str) -> np.ndarray:
+    """One row of right/wrong flags per fine-tuning seed (a single run is one row), as booleans."""
+    array = np.asarray(values)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.size == 0:
+        raise InputError(f"{name}: expected one right/wrong flag per test row for each seed, got shape {array.shape}")
+    return np.stack([correctness(row, name) for row in array])
+
+
+def sign_flip_p(differences) -> float:
+    """Exact two-sided p of the paired sign-flip test: P(|Σ ε_i |d_i|| >= |Σ d_i|), ε_i = ±1 fair coins.
+
+    ``differences`` are integers (per row: seeds the classifier was right minus seeds the other side was).
+    Rows with the same magnitude m contribute m · (2X − k), X ~ Bin(k, 1/2); the convolution of those
+    is exact in integers, so even tiny p-values do not underflow.
+    """
+    d = np.asarray(differences)
+    if d.ndim != 1 or not np.issubdtype(d.dtype, np.integer):
+        raise InputError(f"sign-flip test: expected integer differences per row, got {d.dtype} of shape {d.shape}")
+    observed = abs(int(d.sum()))
+    magnitudes, counts = np.unique(np.abs(d[d != 0]), return_counts=True)
+    ways = {0: 1}  # sum of the flipped differences -> number of sign assignments giving it
+    for magnitude, count in zip(magnitudes.tolist(), counts.tolist(), strict=True):
+        step = {magnitude * (2 * x - count): math.comb(count, x) for x in range(count + 1)}
+        ways = convolve(ways, step)
+    total = 2 ** int(counts.sum())
+    extreme = sum(n for value, n in ways.items() if abs(value) >= observed)
+    return min(1.0, extreme / total)
+
+
+def convolve(left: dict[int, int], right: dict[int, int]) -> dict[int, int]:
+    """The distribution of a sum of two independent integer variables, as counts of ways."""
+    out: dict[int, int] = {}
+    for a, m in left.items():
+        for b, n in right.items():
+            out[a + b] = out.get(a + b, 0) + m * n
+    return out
+
+
+def paired_runs(classifier_correct, other_correct, resamples: int = 10_000, seed: int = 0,
+                level: float = 0.95) -> dict:
+    """The classifier against another side over the same seeds (or against one deterministic run, such as
+    TF-IDF, repeated): mean accuracies, the gain with its bootstrap interval, and the exact sign-flip test."""
+    ours, theirs = correctness_runs(classifier_correct, "classifier"), correctness_runs(other_correct, "other side")
+    if theirs.shape[0] == 1:
+        theirs = np.repeat(theirs, ours.shape[0], axis=0)
+    if ours.shape != theirs.shape:
+        raise InputError(f"other side: {theirs.shape[0]} seeds × {theirs.shape[1]} rows for the classifier's "
+                         f"{ours.shape[0]} × {ours.shape[1]}; both must be scored on the same rows and seeds")
+    differences = ours.sum(axis=0).astype(np.int64) - theirs.sum(axis=0).astype(np.int64)
+    p = sign_flip_p(differences)
+    gain = differences / ours.shape[0]  # per row: the classifier's accuracy minus the other's, over seeds
+    resampled = resampled_means(gain, resamples, np.random.default_rng(seed))
+    lower, upper = np.quantile(resampled, [(1 - level) / 2, (1 + level) / 2])
+    wins, losses, total = int((differences > 0).sum()), int((differences < 0).sum()), int(differences.sum())
+    return {"runs": int(ours.shape[0]), "classifier_accuracy": round(float(ours.mean()), 5),
+            "other_accuracy": round(float(theirs.mean()), 5), "gain": round(float(gain.mean()), 5),
+            "gain_interval": {"lower": round(float(lower), 5), "upper": round(float(upper), 5), "level": level,
+                              "resamples": resamples, "seed": seed},
+            "rows_better": wins, "rows_worse": losses, "p_value": float(f"{p:.4g}"),
+            "better": better(max(total, 0), max(-total, 0), p)}

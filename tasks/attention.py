@@ -47,8 +47,9 @@ def encode(tokenizer, sentence: AttentionSentence) -> tuple[dict, list[str], int
 
 
 def load_encoder(folder: Path):
-    """The BERT encoder of a saved model (pretraining or classifier layout) with eager attention."""
-    from transformers import BertModel
+    """The BERT encoder (BertModel or MegatronBertModel, by its config) of a saved model (pretraining or
+    classifier layout) with eager attention."""
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     if not (folder / "config.json").is_file():
@@ -56,7 +57,7 @@ def load_encoder(folder: Path):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the heads it leaves out (MLM, NSP, classifier) are expected
     try:
-        model = BertModel.from_pretrained(str(folder), attn_implementation="eager", add_pooling_layer=False)
+        model = AutoModel.from_pretrained(str(folder), attn_implementation="eager", add_pooling_layer=False)
     finally:
         hf_logging.set_verbosity(verbosity)
     return model.eval()

@@ -1,12 +1,15 @@
 """Stage evaluate: the classifier on the test split, the pretrained model on held-out text, and baselines.
 
-Reads: ``artifacts/classifier``, ``artifacts/ablation`` (the random-init classifier, when built),
-``artifacts/pretrained``, ``data/labeled/{train,test}.parquet``, ``data/pretrain/heldout``.
+Reads: ``artifacts/classifier``, ``artifacts/ablation`` (the random-init classifier, when built, and the
+models of further fine-tuning seeds, ``finetune.seeds``), ``artifacts/pretrained``,
+``data/labeled/{train,test}.parquet``, ``data/pretrain/heldout``.
 Writes: ``reports/evaluate/`` (``predictions.csv`` with id, text, label, predicted and per-class
 scores; ``confusion.json``; ``confusion.png``) and ``reports/evaluate.json``, where the test accuracy
-carries a seeded 95 % bootstrap interval and each baseline McNemar's exact test against the classifier
-on the same rows (``bertflow/statistics.py``). Everything runs in fp32 with a fixed thread count, so
-two runs give identical figures. Run: ``bertflow evaluate``.
+carries a seeded 95 % bootstrap interval, each baseline McNemar's exact test against the classifier
+on the same rows, and ``pretraining_gain`` what pretraining bought over random init across every seed
+(mean accuracies, the gain with its interval, the exact paired sign-flip test; the same against TF-IDF;
+``bertflow/statistics.py``). Everything runs in fp32 with a fixed thread count, so two runs give
+identical figures. Run: ``bertflow evaluate``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from bertflow.metrics import classification_report, headline, softmax
 from bertflow.model import load_classifier
 from bertflow.params import EvaluateParams
 from bertflow.paths import Paths
-from bertflow.statistics import accuracy_interval, mcnemar
+from bertflow.statistics import accuracy_interval, mcnemar, paired_runs
 from bertflow.tokenization import load_tokenizer
 
 # ---------------------------------------------------------------- figures (pure)
@@ -116,13 +119,13 @@ def evaluate_classifier(folder: Path, test: tuple[list[str], list[int]], params:
 
 def evaluate_pretrained(paths: Paths, params: EvaluateParams) -> dict:
     """Held-out MLM accuracy and perplexity, NSP accuracy, of the pretrained model (fp32)."""
-    from transformers import BertForPreTraining
+    from transformers import AutoModelForPreTraining
 
     from bertflow.pretraining import PretrainBatches, evaluate_pretraining, read_shards
 
     if not (paths.pretrained / "config.json").is_file():
         raise InputError(f"{paths.pretrained}: no pretrained model; run `bertflow pretrain` first")
-    model = BertForPreTraining.from_pretrained(str(paths.pretrained))
+    model = AutoModelForPreTraining.from_pretrained(str(paths.pretrained))
     tokenizer = load_tokenizer(paths.pretrained)
     heldout = PretrainBatches(read_shards(paths.pretrain_data / "heldout"), tokenizer.pad_token_id, None, seed=0)
     figures = evaluate_pretraining(model, heldout, params.heldout_instances, params.batch_size, bf16=False)
@@ -147,6 +150,47 @@ def score_baselines(paths: Paths, params: EvaluateParams, train: tuple[list[str]
     return found
 
 
+def ablation_seeds(paths: Paths) -> list[int]:
+    """The fine-tuning seeds finetune ran (``ablation.json``; empty for one written before ``finetune.seeds``)."""
+    record = paths.ablation / "ablation.json"
+    return read_json(record).get("seeds", []) if record.is_file() else []
+
+
+def seed_correctness(paths: Paths, params: EvaluateParams, test: tuple[list[str], list[int]], names: list[str],
+                     first: dict[str, np.ndarray], seeds: list[int]) -> dict[str, np.ndarray]:
+    """Right/wrong per test row, one row per fine-tuning seed, for each kind in ``first`` (pretrained,
+    random_init: the first seed's flags, already scored); the further seeds' models are scored here."""
+    labels = np.array(test[1])
+    found = {}
+    for kind, correct in first.items():
+        rows = [correct]
+        for seed in seeds[1:]:
+            folder = paths.replica(kind, seed)
+            if not (folder / "config.json").is_file():
+                raise InputError(f"{folder}: artifacts/ablation/ablation.json lists seed {seed} but its model is not "
+                                 "there; run `bertflow finetune` again")
+            rows.append(evaluate_classifier(folder, test, params, names)[1].argmax(1) == labels)
+        found[kind] = np.stack(rows)
+    return found
+
+
+def pretraining_gain(correct: dict[str, np.ndarray], baselines: dict[str, tuple[dict, np.ndarray]],
+                     labels: np.ndarray, seeds: list[int], params: EvaluateParams) -> dict | None:
+    """What pretraining bought: the classifier against its random-init twin over every seed (mean accuracies,
+    the gain with its interval, the exact paired test), and the same classifiers against TF-IDF; None without
+    the ablation."""
+    if "random_init" not in correct:
+        return None
+    ours = correct["pretrained"]
+    settings = {"resamples": params.bootstrap_resamples, "seed": params.bootstrap_seed}
+    found = {**paired_runs(ours, correct["random_init"], **settings), "seeds": seeds[:len(ours)],
+             "classifier_accuracy_by_seed": [round(float(r.mean()), 5) for r in ours],
+             "random_init_accuracy_by_seed": [round(float(r.mean()), 5) for r in correct["random_init"]]}
+    if "tfidf_logreg" in baselines:
+        found["tfidf_logreg"] = paired_runs(ours, baselines["tfidf_logreg"][1] == labels, **settings)
+    return found
+
+
 def run(params: EvaluateParams, paths: Paths) -> dict:
     tr.set_threads(params.num_threads)
     torch.manual_seed(0)
@@ -158,6 +202,14 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
                                                     params.bootstrap_seed)
     baselines = score_baselines(paths, params, train, test, labels, names)
     figures = {"test": report, "test_rows": len(test[1]), "baselines": against(labels, predicted, baselines)}
+    first = {"pretrained": predicted == labels}
+    if "random_init" in baselines:
+        first["random_init"] = baselines["random_init"][1] == labels
+    seeds = ablation_seeds(paths)
+    gain = pretraining_gain(seed_correctness(paths, params, test, names, first, seeds), baselines, labels, seeds,
+                            params)
+    if gain is not None:
+        figures["pretraining_gain"] = gain
     figures["pretrained_heldout"] = evaluate_pretrained(paths, params)
     with atomic_dirs([paths.reports / "evaluate"]) as (folder,):
         write_predictions(folder / "predictions.csv", test[0], labels, scores, names)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from bertflow import distributed as dd
 from bertflow import training as tr
+from bertflow.architectures import set_attention
 from bertflow.cards import folder_card
 from bertflow.classification import Encoded, class_weights, encode, predict_logits, read_split
 from bertflow.io import InputError, atomic_dirs, read_json, write_json
@@ -203,7 +204,7 @@ def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], 
     model = load_classifier(source, labels, params.classifier_dropout, random_init=random_init,
                             encoder_dropout=params.encoder_dropout).to(world.device)
     torch.manual_seed(params.seed + world.rank)  # the same weights everywhere, each process its own dropout
-    model.set_attn_implementation(params.attention)  # a run-time choice: the saved config keeps the default
+    set_attention(model, params.attention)  # a run-time choice: the saved config keeps the default
     check_vocab(model.config, len(tokenizer), str(source))
     check_positions(model.config, params.max_seq_length, "finetune.max_seq_length")
     train = encode(tokenizer, *read_split(paths, "train"), params.max_seq_length)
@@ -212,7 +213,7 @@ def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], 
     fingerprint = {"init": str(source), "random_init": random_init, "labels": labels,
                    "params": params.model_dump(exclude={"checkpoint_every_steps", "checkpoint_every_minutes",
                                                          "keep_checkpoints", "num_threads", "random_init_ablation",
-                                                         "device"}),
+                                                         "seeds", "device"}),
                    "rows": {"train": len(train.labels), "dev": len(dev.labels)}}
     store = tr.CheckpointStore(paths.finetune_checkpoints / name, fingerprint, params.keep_checkpoints)
     latest = dd.open_checkpoints(store, world)
@@ -224,32 +225,60 @@ def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], 
     return model, {**summary, "resumed_from_step": saved["loop"]["step"] if saved else 0, "store": store}
 
 
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str  # its curve, checkpoints and key in reports/finetune.json
+    kind: str  # "pretrained" (from the starting model's weights) or "random_init" (its architecture at random)
+    seed: int
+
+
+def planned_runs(params: FinetuneParams) -> list[PlannedRun]:
+    """The classifier and (with ``random_init_ablation``) its random-init twin for each of ``seeds`` seeds;
+    the first seed's keep their plain names, the others are named by their seed (``pretrained_seed43``)."""
+    kinds = ["pretrained", "random_init"] if params.random_init_ablation else ["pretrained"]
+    return [PlannedRun(kind if k == 0 else f"{kind}_seed{params.seed + k}", kind, params.seed + k)
+            for k in range(params.seeds) for kind in kinds]
+
+
+def save_models(paths: Paths, params: FinetuneParams, runs: list[PlannedRun], models: dict, figures: dict,
+                labels: list[str], tokenizer) -> None:
+    """The first seed's classifier (with its card) and random-init twin, every further seed's models under
+    ``ablation/seeds/``, and ``ablation.json`` saying what is there; all or nothing."""
+    first = params.seed
+    with atomic_dirs([paths.classifier, paths.ablation]) as (classifier_dir, ablation_dir):
+        for planned in runs:
+            if planned.name == "pretrained":
+                folder = classifier_dir
+            elif planned.name == "random_init":
+                folder = ablation_dir / "random_init"
+            else:  # a further seed, where Paths.replica finds it, inside the staged ablation folder
+                folder = ablation_dir / paths.replica(planned.kind, planned.seed).relative_to(paths.ablation)
+            save_model_folder(models[planned.name], tokenizer, folder)
+        (classifier_dir / "README.md").write_text(folder_card(
+            labels, figures["pretrained"], params.model_dump(mode="json"),
+            models["pretrained"].config.to_dict()), encoding="utf-8")
+        write_json(ablation_dir / "ablation.json", {"random_init": params.random_init_ablation,
+                                                    "seeds": [first + k for k in range(params.seeds)]})
+
+
 def run(params: FinetuneParams, paths: Paths) -> dict:
     """One process, or one rank of a torchrun world (rank 0 writes; every rank computes)."""
     world = dd.init_world(params.device, "finetune.device")
     source = init_folder(params, paths)
     tokenizer = load_tokenizer(source)
     labels = read_json(paths.labeled / "labels.json")["labels"]
-    runs = {"pretrained": (source, False)}
-    if params.random_init_ablation:
-        runs["random_init"] = (source, True)
+    runs = planned_runs(params)
     models, figures = {}, {}
-    for name, (folder, random_init) in runs.items():
-        models[name], figures[name] = finetune_run(name, folder, random_init, labels, params, paths, tokenizer,
-                                                   world)
+    for planned in runs:
+        seeded = params.model_copy(update={"seed": planned.seed})
+        models[planned.name], figures[planned.name] = finetune_run(
+            planned.name, source, planned.kind == "random_init", labels, seeded, paths, tokenizer, world)
     stores = [summary.pop("store") for summary in figures.values()]
     if world.main:
-        with atomic_dirs([paths.classifier, paths.ablation]) as (classifier_dir, ablation_dir):
-            save_model_folder(models["pretrained"], tokenizer, classifier_dir)
-            (classifier_dir / "README.md").write_text(folder_card(
-                labels, figures["pretrained"], params.model_dump(mode="json"),
-                models["pretrained"].config.to_dict()), encoding="utf-8")
-            if "random_init" in models:
-                save_model_folder(models["random_init"], tokenizer, ablation_dir / "random_init")
-            write_json(ablation_dir / "ablation.json", {"random_init": "random_init" in models})
+        save_models(paths, params, runs, models, figures, labels, tokenizer)
         for store in stores:
             store.mark_complete()
     dd.leave_world(world)
     return {"init": str(params.init), "labels": labels, "processes": world.size, "device": str(world.device),
-            **figures}
+            "seeds": [planned.seed for planned in runs if planned.kind == "pretrained"], **figures}
 

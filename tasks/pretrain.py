@@ -250,11 +250,11 @@ def starting_model(params: PretrainParams, tokenizer, max_seq_length: int):
     """(model, config, what the report says of the start): random weights from ``seed``, or the
     ``pretrain.init`` checkpoint with the heads it lacked initialised from ``seed``."""
     if ck.is_scratch(params.init):
-        config = construct_config(params.model, len(tokenizer), tokenizer.pad_token_id)
+        config = construct_config(params.model, len(tokenizer), tokenizer.pad_token_id, params.architecture)
         model, start = construct_pretraining_model(config, params.seed, params.attention), {"init": ck.SCRATCH}
     else:
         checkpoint = ck.resolve(params.init)
-        config = ck.starting_config(checkpoint, params.model)
+        config = ck.starting_config(checkpoint, params.model, params.architecture)
         check_vocab(config, len(tokenizer), f"pretrain.init {params.init}")
         if ck.load_checkpoint_tokenizer(checkpoint).get_vocab() != tokenizer.get_vocab():
             raise InputError(f"artifacts/tokenizer is not the vocabulary of pretrain.init {params.init}; re-run "

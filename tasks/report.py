@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from bertflow import stages, tracking
-from bertflow.cards import STOPPED_BY, comparisons, interval_text
+from bertflow.cards import STOPPED_BY, comparisons, family, interval_text, pretraining_verdict
 from bertflow.io import read_column, write_text
 from bertflow.pages import cards, esc, image, line_chart, number, page, table
 from bertflow.params import Params
@@ -75,8 +75,9 @@ def summary_section(reports: dict) -> str:
              ("champion version", champion),
              ("fast variant", (registered.get("fast") or {}).get("variant") or "unchanged"),
              ("bigram held-out perplexity", lms.get("bigram", {}).get("heldout_perplexity", "–"))]
-    reason = registered.get("reason")
-    return cards(items) + (f"<p>Gate: {esc(reason)}.</p>" if reason else "")
+    reason, verdict = registered.get("reason"), pretraining_verdict(reports.get("evaluate", {}))
+    return (cards(items) + (f'<p class="verdict"><strong>{esc(verdict)}</strong></p>' if verdict else "")
+            + (f"<p>Gate: {esc(reason)}.</p>" if reason else ""))
 
 
 def label_counts(paths: Paths, names: list[str]) -> list[list]:
@@ -161,7 +162,8 @@ def pretraining_section(reports: dict, params: Params, paths: Paths) -> str:
                   ("tokens/s", pretrain.get("tokens_per_second", "–")),
                   ("held-out MLM accuracy", held.get("mlm_accuracy", "–")),
                   ("held-out NSP accuracy", held.get("nsp_accuracy", "–"))])
-    body += (f"<p>BERT L{model.num_hidden_layers}/H{model.hidden_size}/A{model.num_attention_heads}, "
+    body += (f"<p>{esc(family(params.pretrain.architecture))} L{model.num_hidden_layers}/H{model.hidden_size}/"
+             f"A{model.num_attention_heads}, "
              f"{started_from(pretrain)}, {number(pretrain.get('tokens', '–'))} tokens in "
              f"{number(pretrain.get('seconds', '–'))} s on {where(pretrain)} (bf16 {esc(pretrain.get('bf16', '?'))})."
              f"{bought(pretrain)}</p>")

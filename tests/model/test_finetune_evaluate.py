@@ -7,9 +7,12 @@ import shutil
 import pytest
 from transformers import AutoConfig
 
+from bertflow.cards import pretraining_verdict
 from bertflow.io import InputError
 from tasks.cli import run_stage
-from tests.conftest import REPO, kill_stage_after_first_checkpoint, write_params
+from tests.conftest import REPO, copy_outputs, kill_stage_after_first_checkpoint, write_params
+
+TINY = REPO / "params.tiny.yaml"
 
 POSITIVE = ["good", "great", "fine", "happy", "nice", "best"]
 NEGATIVE = ["bad", "poor", "sad", "worst", "awful", "wrong"]
@@ -92,6 +95,11 @@ def test_evaluate_figures_match_its_saved_predictions(tiny_trained):
     assert set(figures["baselines"]) == {"majority", "tfidf_logreg", "random_init"}
     assert figures["baselines"]["majority"]["accuracy"] == round(444 / 872, 5)
     assert_honest_comparisons(figures, predictions)
+    gain, ablation = figures["pretraining_gain"], figures["baselines"]["random_init"]
+    assert gain["seeds"] == [42]  # one seed: the paired sign-flip test is McNemar's against the ablation
+    assert (gain["p_value"], gain["better"]) == (ablation["mcnemar"]["p_value"], ablation["mcnemar"]["better"])
+    assert gain["gain"] == pytest.approx(figures["test"]["accuracy"] - ablation["accuracy"], abs=2e-5)
+    assert gain["tfidf_logreg"]["p_value"] == figures["baselines"]["tfidf_logreg"]["mcnemar"]["p_value"]
     assert 0 < figures["pretrained_heldout"]["mlm_accuracy"] < 1 and figures["pretrained_heldout"]["mlm_perplexity"] > 1
     assert (tiny_trained / "reports" / "evaluate" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -114,6 +122,37 @@ def assert_honest_comparisons(figures, predictions):
     is_majority = [p["label"] == majority["predicts"] for p in predictions]
     assert majority["mcnemar"]["b"] == sum(r and not m for r, m in zip(right, is_majority, strict=True))
     assert majority["mcnemar"]["c"] == sum(m and not r for r, m in zip(right, is_majority, strict=True))
+
+
+def test_several_fine_tuning_seeds_give_pretrainings_gain_over_all_of_them(tiny_trained, tmp_path):
+    """finetune.seeds: 2 fine-tunes the classifier and its random-init twin twice; the first seed's classifier
+    is the one-seed run's, and evaluate tests pretraining's gain over both seeds; a missing seed is named."""
+    root = copy_outputs(tiny_trained, tmp_path / "root")
+    overrides = {"finetune.seeds": 2}
+    finetuned = run_stage("finetune", TINY, root, overrides)
+    assert finetuned["seeds"] == [42, 43]
+    assert {"pretrained", "random_init", "pretrained_seed43", "random_init_seed43"} <= set(finetuned)
+    weights = "model.safetensors"
+    assert (root / "artifacts/classifier" / weights).read_bytes() == \
+        (tiny_trained / "artifacts/classifier" / weights).read_bytes()  # more seeds leave the registered one alone
+    replica = root / "artifacts/ablation/seeds/pretrained_seed43"
+    assert (replica / weights).read_bytes() != (root / "artifacts/classifier" / weights).read_bytes()
+    assert json.loads((root / "artifacts/ablation/ablation.json").read_text()) == {"random_init": True,
+                                                                                   "seeds": [42, 43]}
+    figures = run_stage("evaluate", TINY, root, overrides)
+    gain = figures["pretraining_gain"]
+    assert gain["seeds"] == [42, 43] and gain["classifier_accuracy_by_seed"][0] == figures["test"]["accuracy"]
+    assert gain["random_init_accuracy_by_seed"][0] == figures["baselines"]["random_init"]["accuracy"]
+    assert gain["classifier_accuracy"] == pytest.approx(sum(gain["classifier_accuracy_by_seed"]) / 2, abs=1e-5)
+    assert gain["gain"] == pytest.approx(gain["classifier_accuracy"] - gain["other_accuracy"], abs=2e-5)
+    assert gain["gain_interval"]["lower"] <= gain["gain"] <= gain["gain_interval"]["upper"]
+    assert (gain["better"] == "neither at 5 %") == (gain["p_value"] >= 0.05)
+    verdict = pretraining_verdict(figures)
+    assert verdict.startswith(("Pretraining paid", "Pretraining cost", "Pretraining did not pay")), verdict
+    assert "2 seeds" in verdict and "TF-IDF" in verdict
+    shutil.rmtree(root / "artifacts/ablation/seeds/random_init_seed43")
+    with pytest.raises(InputError, match="random_init_seed43: artifacts/ablation/ablation.json lists seed 43"):
+        run_stage("evaluate", TINY, root, overrides)
 
 
 def test_evaluate_is_deterministic(tiny_trained, tmp_path):

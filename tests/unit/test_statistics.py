@@ -8,7 +8,7 @@ from scipy.stats import binomtest
 
 from bertflow.cards import comparison_lines
 from bertflow.io import InputError
-from bertflow.statistics import NEITHER, accuracy_interval, mcnemar, mcnemar_p
+from bertflow.statistics import NEITHER, accuracy_interval, mcnemar, mcnemar_p, paired_runs, sign_flip_p
 
 
 def paired(b, c, both=0, neither=0):
@@ -95,3 +95,50 @@ def test_the_card_reads_the_comparisons_at_a_glance():
     assert any(line.endswith("McNemar p = 1e-45 (b = 300, c = 45), classifier better.") for line in lines)
     assert any(line.endswith("(b = 20, c = 18), no difference at 5 %.") for line in lines)
     assert comparison_lines({"test": {"accuracy": 0.8}, "baselines": {"majority": {"accuracy": 0.5}}}) == []
+
+
+# ---------------------------------------------------------------- several seeds: the paired sign-flip test
+
+
+def test_sign_flip_known_answers():
+    # magnitudes 2 (once) and 1 (three times): 16 sign assignments, 8 of them with |sum| >= |2+1+1-1| = 3
+    assert sign_flip_p(np.array([2, 1, 1, -1, 0])) == 0.5
+    assert sign_flip_p(np.array([3, 3])) == 0.5  # ±3 ±3: |sum| = 6 in 2 of 4
+    assert sign_flip_p(np.array([0, 0])) == 1.0 and sign_flip_p(np.array([1, -1])) == 1.0
+    assert sign_flip_p(np.array([1] * 20)) == pytest.approx(2 / 2**20)  # every row one way: only all-plus/minus
+
+
+@pytest.mark.parametrize(("b", "c"), [(10, 2), (3, 9), (40, 60), (400, 310)])
+def test_one_seed_is_mcnemars_exact_test(b, c):
+    ours, theirs = paired(b, c, both=300, neither=100)
+    result = paired_runs(ours, theirs, resamples=200)
+    assert result["p_value"] == mcnemar(ours, theirs)["p_value"]
+    assert result["better"] == mcnemar(ours, theirs)["better"]
+    assert result["gain"] == pytest.approx((b - c) / ours.size, abs=1e-5)
+
+
+def test_sign_flip_agrees_with_brute_force_enumeration():
+    import itertools
+
+    d = np.array([3, -1, 2, 2, -3, 1, 0, 2])
+    observed = abs(d.sum())
+    flips = [abs(sum(s * abs(x) for s, x in zip(signs, d, strict=True)))
+             for signs in itertools.product((1, -1), repeat=d.size)]
+    assert sign_flip_p(d) == pytest.approx(sum(f >= observed for f in flips) / len(flips))
+
+
+def test_several_seeds_pool_their_rows_and_a_deterministic_side_is_repeated():
+    rng = np.random.default_rng(1)
+    ours = rng.random((3, 872)) < 0.84  # three seeds of a classifier near 84 %
+    theirs = rng.random((3, 872)) < 0.80
+    result = paired_runs(ours, theirs, resamples=2000, seed=5)
+    assert result["runs"] == 3
+    assert result["gain"] == pytest.approx(ours.mean() - theirs.mean(), abs=1e-5)
+    assert result["gain_interval"]["lower"] < result["gain"] < result["gain_interval"]["upper"]
+    assert result == paired_runs(ours, theirs, resamples=2000, seed=5)  # deterministic under its seed
+    assert result["p_value"] < 0.05 and result["better"] == "classifier"
+    tfidf = rng.random(872) < 0.825
+    against_one = paired_runs(ours, tfidf, resamples=200)
+    assert against_one == paired_runs(ours, np.stack([tfidf] * 3), resamples=200)
+    with pytest.raises(InputError, match="2 seeds × 872 rows for the classifier's 3 × 872"):
+        paired_runs(ours, theirs[:2])
