@@ -1,11 +1,16 @@
 """MLflow tracking of a pipeline run, written after the fact from what the stages left on disk.
 
 Reads: the params in force, ``reports/<stage>.json``, the curves ``reports/pretrain/*.csv`` and
-``reports/finetune/*.csv``, ``reports/evaluate/confusion.png``, ``dvc.lock`` and git.
+``reports/finetune/*.csv``, ``reports/evaluate/confusion.png``, ``dvc.lock``, ``dvc.yaml``, ``params.yaml``
+and git.
 Writes (to the tracking server or the embedded SQLite store): one parent run per pipeline run with
 all params flattened, lineage tags and the evaluation figures, and one nested run per stage with
 its own params, its report's numbers and its curves (metrics with steps). Weights are not logged
 here: the classifier is logged once, as the registered model (tasks/register.py); checkpoints never.
+What ``bertflow restore`` brings back (bertflow/restore.py) goes under the run's artifact folder
+``restore/``: ``dvc.lock`` and ``params.yaml`` as they stand while register runs, and ``outs/<path>``, the
+outputs the stages before register keep out of the DVC cache (``cache: false``: reports, curves), with the
+tag ``restore.dvc_lock_md5``.
 
 Both drivers end in the same place: ``dvc repro`` and the Prefect flow call ``bertflow register``,
 which calls this, so a run is tracked however it was started.
@@ -14,10 +19,13 @@ which calls this, so a run is tracked however it was started.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,8 +140,6 @@ def git_revision(root: Path) -> str:
 
 def lock_digest(root: Path) -> str:
     """md5 of dvc.lock: one value naming every data set and artifact of the run ("none" without one)."""
-    import hashlib
-
     lock = root / "dvc.lock"
     return hashlib.md5(lock.read_bytes()).hexdigest() if lock.is_file() else "none"
 
@@ -217,6 +223,49 @@ def log_report_artifacts(client, run_id: str, paths: Paths, model_card: str) -> 
         if path.is_file():
             client.log_artifact(run_id, str(path), f"reports/{Path(relative).parent}")
     client.log_text(run_id, model_card, "model_card.md")
+
+
+RESTORE_FOLDER = "restore"  # the run's artifact folder that `bertflow restore` reads
+RESTORE_LOCK_TAG = "restore.dvc_lock_md5"  # md5 of the dvc.lock recorded there
+
+
+def uncached_outputs(dvc_yaml: Path, names: tuple[str, ...]) -> list[str]:
+    """The outputs dvc.yaml keeps out of the DVC cache (``cache: false``) for the stages ``names``, less the
+    persisted ones (checkpoints: resume state, large, not part of what a version is): the small reports and
+    curves that ``dvc checkout`` cannot bring back."""
+    document = yaml.safe_load(dvc_yaml.read_text()) if dvc_yaml.is_file() else {}
+    found = []
+    for name in names:
+        entry = (document.get("stages") or {}).get(name) or {}
+        for item in [item for kind in ("outs", "metrics", "plots") for item in entry.get(kind) or []]:
+            path, options = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+            if (options or {}).get("cache") is False and not (options or {}).get("persist"):
+                found.append(path)
+    return found
+
+
+def log_restore_data(client, run_id: str, paths: Paths) -> None:
+    """What ``bertflow restore`` needs, as artifacts ``restore/`` of the run: dvc.lock and params.yaml as they
+    stand now (DVC has written the lock entry of every stage before register: their deps' and outs' hashes),
+    and ``outs/<path>``, the uncached outputs of those stages; tag ``restore.dvc_lock_md5``. Each file is read
+    once, into a copy, so what is logged and its md5 agree. Without a dvc.lock (register run by hand outside
+    DVC) there is nothing to restore from, and nothing is logged."""
+    if not (paths.root / "dvc.lock").is_file():
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder)
+        for name in ("dvc.lock", "params.yaml"):
+            if (paths.root / name).is_file():
+                shutil.copyfile(paths.root / name, copy / name)
+        for relative in uncached_outputs(paths.root / "dvc.yaml", STAGE_ORDER):
+            source, target = paths.root / relative, copy / "outs" / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target)
+            elif source.is_file():
+                shutil.copyfile(source, target)
+        client.log_artifacts(run_id, folder, RESTORE_FOLDER)
+        client.set_tag(run_id, RESTORE_LOCK_TAG, hashlib.md5((copy / "dvc.lock").read_bytes()).hexdigest())
 
 
 def read_report(paths: Paths, stage: str) -> dict:

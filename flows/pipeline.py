@@ -312,7 +312,9 @@ def push_outputs(root: str) -> str:
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def record_lock(root: str) -> None:
-    """Log the run's dvc.lock to the MLflow run that registered the model (``dvc checkout`` brings it back)."""
+    """Log the run's final dvc.lock (with register's and report's entries) to the MLflow run that registered the
+    model, for the record. ``bertflow restore`` does not need it: it reads ``restore/dvc.lock``, which register
+    itself recorded, so a version built by ``dvc repro`` restores as well."""
     from mlflow import MlflowClient
 
     from bertflow.params import load_params

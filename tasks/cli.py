@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "each stage imports, ingest's sources) and params from the code and params.yaml")
     sync.add_argument("--check", action="store_true", help="change nothing; exit 1 when either file is stale")
     add_predict(commands)
+    add_restore(commands)
     return parser
 
 
@@ -113,6 +114,23 @@ def add_predict(commands) -> None:
     predict.add_argument("--no-progress", action="store_true", help="no progress bar on long inputs")
 
 
+def add_restore(commands) -> None:
+    """``bertflow restore`` (bertflow/restore.py, imported only when it runs, like predict)."""
+    restore = commands.add_parser(
+        "restore", help="bring back the data, artifacts, dvc.lock and params.yaml a registered version was built from",
+        description="Bring the project (--root) back to what a registered version was built from: writes the "
+                    "dvc.lock and params.yaml recorded with its MLflow run over the work tree's (so it refuses "
+                    "when git does not hold those two as they are: commit first, or pass --force), then its "
+                    "outputs with dvc checkout (dvc fetch first for what the cache lacks) and the reports DVC does "
+                    "not cache from the run, and checks them with dvc status. Prints the git commit of the code. "
+                    "Exit 2 with one line, changing nothing, for a bad URI, an unknown version, a registry that "
+                    "does not answer, a version registered before restore data was recorded, a project that is "
+                    "not a DVC repository, or outputs in neither the DVC cache nor the remote.")
+    restore.add_argument("model", help="models:/<name>/<version>, models:/<name>@<alias> or runs:/<run id>")
+    restore.add_argument("--force", action="store_true",
+                         help="overwrite dvc.lock and params.yaml even when git does not hold them as they are")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -121,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         predict = importlib.import_module("bertflow.predict")
         return predict.run(args.model, args.texts, args.input, args.text_column, args.format, args.output,
                            Path(args.root), progress=not args.no_progress)
+    if args.command == "restore":  # loaded by name too
+        return importlib.import_module("bertflow.restore").run(args.model, Path(args.root), args.force)
     if args.command == "sync-dvc":
         try:
             return sync_or_check(Path(args.root), args.check)

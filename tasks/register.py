@@ -1,11 +1,14 @@
 """Stage register: track the pipeline run in MLflow and register the classifier behind a promotion gate.
 
 Reads: ``artifacts/classifier`` (logged once, as the model), ``data/labeled/test.parquet`` (its
-fingerprint), ``reports/*.json`` and curves (through bertflow/tracking.py), ``dvc.lock`` and git.
+fingerprint), ``reports/*.json`` and curves (through bertflow/tracking.py), ``dvc.lock``, ``dvc.yaml``,
+``params.yaml`` and git.
 Writes: to MLflow, a pipeline run with nested stage runs and one new version of the registered
 model (a pyfunc from bertflow/serving.py) with alias ``challenger``, and ``champion`` when it wins the
 gate (a new champion's variants are registered just before it, a losing version gets none); the model card
-is the version's description. Locally, ``reports/register.json``.
+is the version's description; the run's artifacts ``restore/`` (dvc.lock, params.yaml and the uncached
+reports as they stand while register runs) are what ``bertflow restore`` brings back. Locally,
+``reports/register.json``.
 Run: ``bertflow register``. When the registry does not answer it retries with back-off, then fails
 naming the registry; everything trained stays on disk and re-running ``register`` alone registers it.
 """
@@ -138,6 +141,12 @@ def publish(client, settings: RegisterParams, params: Params, paths: Paths, figu
     timings["tracking_seconds"] = round(time.perf_counter() - started, 2)
     try:
         started = time.perf_counter()
+        # what `bertflow restore` brings back: dvc.lock, params.yaml and the uncached reports as they stand now
+        # (also on finishing a cut-short registration, whose inputs are the same). dvc.yaml declares none of
+        # them as register's deps: DVC writes dvc.lock itself (a dep would be a cycle, changed by every stage
+        # run), and the lock's entries of the stages before register already pin those reports and each stage's
+        # own params; declaring params.yaml whole would register anew on a change to schedule or report.
+        tracking.log_restore_data(client, run_id, paths)
         if earlier is None:
             model_uri = log_model(run_id, paths.classifier, figures["example"])
             champion = champion_standing(client, settings.model_name, settings.metric)

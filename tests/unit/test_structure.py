@@ -79,7 +79,7 @@ def test_cli_flow_tracking_and_report_derive_from_the_registry():
     from tasks.cli import build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert list(commands) == [*stages.PIPELINE, "sync-dvc", "predict"]
+    assert list(commands) == [*stages.PIPELINE, "sync-dvc", "predict", "restore"]
     assert pipeline.STAGES == stages.PIPELINE and pipeline.POOLED == ("pretrain", "finetune")
     assert tracking.STAGE_ORDER == stages.PIPELINE[:stages.PIPELINE.index("register")]
     assert report.REPORTED == stages.PIPELINE[:-1]
