@@ -241,7 +241,8 @@ class FinetuneParams(BudgetFields):
         None, ge=1, description="also score dev every this many steps inside an epoch (null: at epoch ends only)")
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
-    classifier_dropout: float = Field(0.1, ge=0, lt=1)
+    classifier_dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the classifier head (bert; "
+                                      "megatron_bert's head uses the encoder's hidden_dropout_prob)")
     encoder_dropout: float | None = Field(None, ge=0, lt=1, description="null: keep the starting model's rates")
     max_grad_norm: float = Field(1.0, gt=0)
     device: Device = Field("auto", description=DEVICE_HELP)
