@@ -23,6 +23,7 @@ through ``open_model`` and ``score`` below, i.e. through exactly what a consumer
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -35,6 +36,7 @@ VARIANT_FILE = "variant.json"
 
 
 TEXT_COLUMN = "text"
+THREADS_VARIABLE = "BERTFLOW_THREADS"  # threads per model (torch or ONNX Runtime); unset: the runtime's default
 
 
 class BadInput(ValueError):
@@ -119,8 +121,11 @@ class TorchRuntime:
         torch = self.torch
         with torch.inference_mode():
             ids = torch.from_numpy(input_ids)
-            out = self.model(input_ids=ids, attention_mask=torch.from_numpy(attention_mask),
-                             token_type_ids=torch.zeros_like(ids)).logits
+            if attention_mask.all():  # no padding (always so for one text): no mask to build and apply
+                out = self.model(input_ids=ids).logits  # token types default to 0
+            else:
+                out = self.model(input_ids=ids, attention_mask=torch.from_numpy(attention_mask),
+                                 token_type_ids=torch.zeros_like(ids)).logits
         return out.float().numpy()
 
 
@@ -166,6 +171,7 @@ class LoadedModel:
         self.variant = json.loads(variant_file.read_text(encoding="utf-8")) if variant_file.is_file() else {
             "name": "fp32", "runtime": "torch"}
         self.labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        self.label_array = np.array(self.labels, dtype=object)
         self.max_length = config["max_position_embeddings"]
         self.pad_id = config.get("pad_token_id") or 0
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -174,12 +180,16 @@ class LoadedModel:
         runtime = OnnxRuntime if self.variant["runtime"] == "onnxruntime" else TorchRuntime
         self.runtime = runtime(folder, self.variant, threads)
 
+    def encodings(self, texts: list[str]) -> list:
+        """One text is encoded on the calling thread: ``encode_batch`` hands even one text to its thread pool."""
+        return [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(texts)
+
     def token_ids(self, texts: list[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self.tokenizer.encode_batch(texts)]
+        return [encoding.ids for encoding in self.encodings(texts)]
 
     def encode(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Word-piece ids cut at the model's length, and whether each text was cut."""
-        encodings = self.tokenizer.encode_batch(texts)
+        encodings = self.encodings(texts)
         return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
 
     def score(self, texts: list[str], batch_size: int = BATCH_SIZE) -> np.ndarray:
@@ -204,9 +214,10 @@ class LoadedModel:
         """``label``, ``score_<label>`` per class and ``truncated`` (the text was longer than the model)."""
         ids, truncated = self.encode(texts)
         scores = self.score_ids(ids)
-        labels = pd.Series([self.labels[i] for i in scores.argmax(1)], dtype=object if len(texts) else str)
-        return pd.DataFrame({"label": labels, **{f"score_{name}": scores[:, i] for i, name in enumerate(self.labels)},
-                             "truncated": pd.Series(truncated, dtype=bool)})
+        labels = pd.Series(self.label_array[scores.argmax(1)], dtype=object if len(texts) else str)
+        columns = {"label": labels, **{f"score_{name}": scores[:, i] for i, name in enumerate(self.labels)},
+                   "truncated": np.array(truncated, dtype=bool)}
+        return pd.DataFrame(columns)  # columns of arrays: a third of the time Series of lists take at one text
 
 
 def open_model(folder: str | Path, threads: int | None = None) -> LoadedModel:
@@ -218,7 +229,7 @@ warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` met
 
 class BertClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        self.model = open_model(context.artifacts["classifier"])
+        self.model = open_model(context.artifacts["classifier"], int(os.environ.get(THREADS_VARIABLE) or 0) or None)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         try:
