@@ -52,7 +52,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	ruff check bertflow tasks flows tests benchmarks
 
-# All performance benchmarks (data stages, pretraining, classifier, variants, DDP) and the README's table; ~20 min.
+# All performance benchmarks (data stages, pretraining, classifier, variants, serving, DDP) and the README's table; ~30 min.
 bench: $(STAMP)
 	python benchmarks/run.py
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from bertflow.io import InputError, read_json  # noqa: E402
 from bertflow.model import construct_config, load_classifier  # noqa: E402
 from bertflow.params import FinetuneParams, load_params  # noqa: E402
 from bertflow.paths import Paths  # noqa: E402
-from bertflow.tokenization import load_tokenizer  # noqa: E402
+from bertflow.tokenization import load_tokenizer, save_model_folder  # noqa: E402
 from tasks.finetune import classification_step  # noqa: E402
 
 MODEL_NAME = "benchmark-classifier"
@@ -57,20 +56,24 @@ def classifier_folder(paths: Paths, params_file: Path, scratch: Path) -> tuple[P
     """``artifacts/classifier`` if the pipeline made one, else the profile's architecture at random."""
     if (paths.classifier / "config.json").is_file():
         return paths.classifier, "artifacts/classifier"
-    from transformers import BertForSequenceClassification
-
     if not (paths.labeled / "labels.json").is_file():
         raise InputError(f"{paths.labeled}: no labeled data; run `dvc repro ingest` first")
-    tokenizer = load_tokenizer(paths.tokenizer)
     labels = read_json(paths.labeled / "labels.json")["labels"]
+    folder = random_classifier(load_tokenizer(paths.tokenizer), labels, params_file, scratch / "classifier")
+    return folder, "the profile's architecture, random weights (no artifacts/classifier yet)"
+
+
+def random_classifier(tokenizer, labels: list[str], params_file: Path, folder: Path) -> Path:
+    """A ``BertForSequenceClassification`` of the profile's ``pretrain.model`` sizes with seeded random
+    weights, saved with ``tokenizer`` as the finetune stage saves a classifier."""
+    from transformers import BertForSequenceClassification
+
     config = construct_config(load_params(params_file).pretrain.model, len(tokenizer), tokenizer.pad_token_id)
     config.update({"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                    "label2id": {label: i for i, label in enumerate(labels)}})
-    folder = scratch / "classifier"
     torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder, "the profile's architecture, random weights (no artifacts/classifier yet)"
+    save_model_folder(BertForSequenceClassification(config), tokenizer, folder)
+    return folder
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -139,23 +142,37 @@ def finetuning(folder: Path, paths: Paths, params: FinetuneParams, args) -> dict
 # ---------------------------------------------------------------- serving
 
 
-def served_model(folder: Path, scratch: Path):
-    """Log, register and alias the classifier as the register stage does; load it back by alias."""
+def scratch_registry(scratch: Path) -> str:
+    """A registry in ``scratch`` (sqlite + local artifacts) as the tracking URI, and one run in it; returns
+    the run's id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{scratch / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("benchmark", artifact_location=(scratch / "mlartifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
+        pass
+    return run.info.run_id
+
+
+def register(run_id: str, folder: Path, alias: str, runtime: str = "torch", name: str = MODEL_NAME) -> str:
+    """Log a classifier or variant folder as the register stage does (``tasks.register.log_model``: the pyfunc
+    of bertflow/serving.py), register it and point ``alias`` at it; returns ``models:/<name>@<alias>``."""
     import mlflow
     from mlflow import MlflowClient
 
     from tasks.register import log_model
 
-    mlflow.set_tracking_uri(f"sqlite:///{scratch / 'mlflow.db'}")
-    experiment = mlflow.create_experiment("benchmark", artifact_location=(scratch / "mlartifacts").as_uri())
-    root = scratch / "root"
-    shutil.copytree(folder, Paths(root).classifier)
-    with mlflow.start_run(experiment_id=experiment) as run:
-        pass
-    uri = log_model(run.info.run_id, Paths(root).classifier, example=["a gripping, funny film"])
-    version = mlflow.register_model(uri, MODEL_NAME)
-    MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version.version)
-    return mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    uri = log_model(run_id, folder, example=["a gripping, funny film"], name=f"form-{alias}", runtime=runtime)
+    version = mlflow.register_model(uri, name)
+    MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}@{alias}"
+
+
+def served_model(folder: Path, scratch: Path):
+    """The classifier registered as the register stage does, loaded back by alias."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(register(scratch_registry(scratch), folder, "champion"))
 
 
 def reference_pipeline(folder: Path):

@@ -4,14 +4,15 @@ Runs, one after the other as child processes of this one: ``data_stages.py`` (in
 pretrain_data on the default corpus), ``pretraining.py`` (bertflow's pretraining step beside the
 reference, matmul peaks, ablation, profile), ``classifier.py`` (fine-tuning throughput, the
 registry-served classifier's latency and throughput), ``variants.py`` (the optimize stage's variants
-as served, beside the transformers pipeline) and ``distributed.py`` (the pretrain stage with
-1 and 2 torchrun processes). Each writes ``benchmarks/results/<name>.{json,md}``;
+as served, beside the transformers pipeline), ``serving.py`` (``mlflow models serve`` under concurrent
+load, @champion and @fast, beside the in-process pyfunc and the pipeline) and ``distributed.py`` (the
+pretrain stage with 1 and 2 torchrun processes). Each writes ``benchmarks/results/<name>.{json,md}``;
 this script then writes ``benchmarks/results/performance.md`` (the headline figures and every
 table) and puts the headline table into README.md between its ``benchmarks`` markers.
 
     make bench        # or: python benchmarks/run.py [--skip data_stages,...]
 
-Needs the default profile's outputs (``make run``, or ``dvc repro optimize``); about 20 minutes on 2 CPU cores.
+Needs the default profile's outputs (``make run``, or ``dvc repro optimize``); about 30 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS, machine_line  # noqa: E402
 
-BENCHMARKS = ("data_stages", "pretraining", "classifier", "variants", "distributed")
+BENCHMARKS = ("data_stages", "pretraining", "classifier", "variants", "serving", "distributed")
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -40,7 +41,24 @@ def load(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
 
 
-def headline(pre: dict, cls: dict, data: dict, ddp: dict, variants: dict) -> str:
+def serving_rows(serving: dict) -> list[str]:
+    """The REST server at 8 clients (single texts) for @champion and @fast, and the in-process batch-1 race."""
+    rows = {(r["side"], r["clients"], r["batch"]): r for r in serving["rows"]}
+    weights = ", random weights" if "random weights" in serving["model"] else ""
+    pyfunc, pipeline = rows[("in-process pyfunc @champion", 1, 1)], rows[("in-process transformers pipeline "
+                                                                          "(champion)", 1, 1)]
+    lines = [f"| in-process, batch 1, p50 ms: pipeline vs pyfunc @champion{weights} | {pipeline['p50_ms']} | "
+             f"{pyfunc['p50_ms']} | {pipeline['p50_ms'] / pyfunc['p50_ms']:.2f}× |"]
+    for alias in ("champion", "fast"):
+        rest, local = rows[(f"REST @{alias}", 8, 1)], rows[(f"in-process pyfunc @{alias}", 1, 1)]
+        ratio = rest["requests_per_second"] / local["texts_per_second"]
+        lines.append(f"| REST @{alias}{weights}, 8 clients, single texts: requests/s (p50 / p99 ms, failed) vs "
+                     f"in-process texts/s | {local['texts_per_second']} | {rest['requests_per_second']} "
+                     f"({rest['p50_ms']} / {rest['p99_ms']}, {rest['failed']}) | {ratio:.2f}× |")
+    return lines
+
+
+def headline(pre: dict, cls: dict, data: dict, ddp: dict, variants: dict, serving: dict) -> str:
     """The figures the targets are about, in one table."""
     rows = {(r["config"], r["vocab_size"]): r for r in pre["rows"]}
     mini = rows[("BERT-Mini", 30522)]
@@ -72,6 +90,7 @@ def headline(pre: dict, cls: dict, data: dict, ddp: dict, variants: dict) -> str
         lines.append(f"| served {name}, texts/s at batch 1 (p50 ms; test accuracy {row.get('accuracy', '?')}) | "
                      f"{reference['throughput_b1']} ({reference['latency_p50_ms_b1']}) | {row['throughput_b1']} "
                      f"({row['latency_p50_ms_b1']}) | {row['throughput_b1'] / reference['throughput_b1']:.2f}× |")
+    lines += serving_rows(serving)
     one, many = ddp["runs"]["1"], ddp["runs"][str(ddp["args"]["processes"])]
     lines.append(f"| pretrain stage, 1 process vs {ddp['args']['processes']} DDP processes (same cores), tokens/s | "
                  f"{one['tokens_per_second']:,} | {many['tokens_per_second']:,} | "
@@ -100,8 +119,8 @@ def main() -> None:
             run_benchmark(name)
     results = {name: load(name) for name in BENCHMARKS}
     table = headline(results["pretraining"], results["classifier"], results["data_stages"], results["distributed"],
-                     results["variants"])
-    sections = [(RESULTS / f"{name}.md").read_text() for name in ("pretraining", "classifier", "variants",
+                     results["variants"], results["serving"])
+    sections = [(RESULTS / f"{name}.md").read_text() for name in ("pretraining", "classifier", "variants", "serving",
                                                                    "distributed", "data_stages")]
     (RESULTS / "performance.md").write_text("# Performance\n\n" + table + "\n" + "\n".join(sections))
     update_readme(table)

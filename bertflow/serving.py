@@ -14,15 +14,19 @@ Whatever the variant, ``predict`` answers a list, Series, array or one-column Da
 (or one with a ``text`` column) with a DataFrame: ``label``, one ``score_<label>`` column per class
 (softmax probabilities) and ``truncated``, computed as ``bertflow evaluate`` computes them:
 truncation at ``max_position_embeddings`` (``truncated`` says where it cut), length-sorted batches
-of 128, softmax of the logits. An item that is not a non-blank string (a number, a null, a nested
-list, an empty or whitespace-only text) refuses the whole request with an error naming the item,
-which MLflow's scoring server answers with HTTP 400. ``bertflow optimize`` measures every variant
-through ``open_model`` and ``score`` below, i.e. through exactly what a consumer runs.
+of 128, softmax of the logits. Calls that arrive while the model runs (MLflow's scoring server calls
+``predict`` from a thread per request) wait and share its next run (``Coalescer``). An item that is
+not a non-blank string (a number, a null, a nested list, an empty or whitespace-only text) refuses
+the whole request with an error naming the item, which MLflow's scoring server answers with HTTP 400.
+``bertflow optimize`` measures every variant through ``open_model`` and ``score`` below, i.e. through
+exactly what a consumer runs.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -35,6 +39,7 @@ VARIANT_FILE = "variant.json"
 
 
 TEXT_COLUMN = "text"
+THREADS_VARIABLE = "BERTFLOW_THREADS"  # threads per model (torch or ONNX Runtime); unset: the runtime's default
 
 
 class BadInput(ValueError):
@@ -120,8 +125,11 @@ class TorchRuntime:
         torch = self.torch
         with torch.inference_mode():
             ids = torch.from_numpy(input_ids)
-            out = self.model(input_ids=ids, attention_mask=torch.from_numpy(attention_mask),
-                             token_type_ids=torch.zeros_like(ids)).logits
+            if attention_mask.all():  # no padding (always so for one text): no mask to build and apply
+                out = self.model(input_ids=ids).logits  # token types default to 0
+            else:
+                out = self.model(input_ids=ids, attention_mask=torch.from_numpy(attention_mask),
+                                 token_type_ids=torch.zeros_like(ids)).logits
         return out.float().numpy()
 
 
@@ -167,6 +175,7 @@ class LoadedModel:
         self.variant = json.loads(variant_file.read_text(encoding="utf-8")) if variant_file.is_file() else {
             "name": "fp32", "runtime": "torch"}
         self.labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        self.label_array = np.array(self.labels, dtype=object)
         self.max_length = config["max_position_embeddings"]
         self.pad_id = config.get("pad_token_id") or 0
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -175,12 +184,16 @@ class LoadedModel:
         runtime = OnnxRuntime if self.variant["runtime"] == "onnxruntime" else TorchRuntime
         self.runtime = runtime(folder, self.variant, threads)
 
+    def encodings(self, texts: list[str]) -> list:
+        """One text is encoded on the calling thread: ``encode_batch`` hands even one text to its thread pool."""
+        return [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(texts)
+
     def token_ids(self, texts: list[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self.tokenizer.encode_batch(texts)]
+        return [encoding.ids for encoding in self.encodings(texts)]
 
     def encode(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
         """Word-piece ids cut at the model's length, and whether each text was cut."""
-        encodings = self.tokenizer.encode_batch(texts)
+        encodings = self.encodings(texts)
         return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
 
     def score(self, texts: list[str], batch_size: int = BATCH_SIZE) -> np.ndarray:
@@ -205,13 +218,69 @@ class LoadedModel:
         """``label``, ``score_<label>`` per class and ``truncated`` (the text was longer than the model)."""
         ids, truncated = self.encode(texts)
         scores = self.score_ids(ids)
-        labels = pd.Series([self.labels[i] for i in scores.argmax(1)], dtype=object if len(texts) else str)
-        return pd.DataFrame({"label": labels, **{f"score_{name}": scores[:, i] for i, name in enumerate(self.labels)},
-                             "truncated": pd.Series(truncated, dtype=bool)})
+        labels = pd.Series(self.label_array[scores.argmax(1)], dtype=object if len(texts) else str)
+        columns = {"label": labels, **{f"score_{name}": scores[:, i] for i, name in enumerate(self.labels)},
+                   "truncated": np.array(truncated, dtype=bool)}
+        return pd.DataFrame(columns)  # columns of arrays: a third of the time Series of lists take at one text
 
 
 def open_model(folder: str | Path, threads: int | None = None) -> LoadedModel:
     return LoadedModel(folder, threads)
+
+
+COALESCED_TEXTS = 32  # a run takes waiting requests up to this many texts: at 32 a text costs half to two
+# thirds of what it costs alone (benchmarks/results/serving.md); a bigger run only keeps its requests waiting
+
+
+class Request:
+    def __init__(self, texts: list[str]):
+        self.texts, self.frame, self.error, self.done = texts, None, None, False
+
+
+class Coalescer:
+    """Calls that arrive while the model runs wait, then share its next run. MLflow's scoring server calls
+    ``predict`` from a thread per request; one pass over n texts costs a CPU far less than n passes over one,
+    and one pass at a time keeps concurrent requests from dividing the cores between them. A lone call
+    runs at once, as if there were no coalescer."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self.waiting_lock, self.running_lock = threading.Lock(), threading.Lock()
+        self.waiting: list[Request] = []
+
+    def frame(self, texts: list[str]) -> pd.DataFrame:
+        request = Request(texts)
+        with self.waiting_lock:
+            self.waiting.append(request)
+        with self.running_lock:
+            while not request.done:  # nobody took it along: run the oldest waiting, it among them in time
+                self.run(self.take())
+        if request.error is not None:
+            raise request.error
+        return request.frame
+
+    def take(self) -> list[Request]:
+        """The oldest waiting requests, up to ``COALESCED_TEXTS`` texts (at least one request)."""
+        with self.waiting_lock:
+            end, texts = 0, 0
+            while end < len(self.waiting) and (end == 0 or texts + len(self.waiting[end].texts) <= COALESCED_TEXTS):
+                texts += len(self.waiting[end].texts)
+                end += 1
+            taken, self.waiting = self.waiting[:end], self.waiting[end:]
+        return taken
+
+    def run(self, requests: list[Request]) -> None:
+        try:
+            frame = self.model.frame([text for request in requests for text in request.texts])
+        except Exception as error:  # noqa: BLE001 - every request of the run gets the error
+            for request in requests:
+                request.error, request.done = error, True
+            return
+        start = 0
+        for request in requests:
+            rows = frame if len(requests) == 1 else frame.iloc[start:start + len(request.texts)].reset_index(drop=True)
+            request.frame, request.done = rows, True
+            start += len(request.texts)
 
 
 warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")  # the signature is explicit
@@ -219,14 +288,15 @@ warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` met
 
 class BertClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        self.model = open_model(context.artifacts["classifier"])
+        self.model = open_model(context.artifacts["classifier"], int(os.environ.get(THREADS_VARIABLE) or 0) or None)
+        self.coalescer = Coalescer(self.model)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         try:
             texts = as_texts(model_input)
         except BadInput as error:
             raise refused(error) from None
-        return self.model.frame(texts)
+        return self.coalescer.frame(texts)
 
 
 mlflow.models.set_model(BertClassifier())

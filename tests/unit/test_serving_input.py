@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from bertflow.predict import PredictError, read_texts, shift_item
-from bertflow.serving import BadInput, as_texts
+from bertflow.serving import BadInput, Coalescer, as_texts
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -52,3 +52,53 @@ def test_an_item_of_a_chunk_is_named_as_a_text_of_the_whole_input():
     assert shift_item("item 3 is empty: there is nothing to classify", 256) == (
         "text 260 is empty: there is nothing to classify")
     assert shift_item("expected a flat list", 256) == "expected a flat list"
+
+
+class SlowModel:
+    """A stand-in for LoadedModel: one row per text (its length), each run recorded and slow enough to overlap."""
+
+    def __init__(self):
+        self.runs: list[int] = []
+
+    def frame(self, texts: list[str]) -> pd.DataFrame:
+        import time
+
+        if "boom" in texts:
+            raise RuntimeError("boom")
+        self.runs.append(len(texts))
+        time.sleep(0.05)
+        return pd.DataFrame({"label": texts, "length": [len(t) for t in texts]})
+
+
+def test_concurrent_calls_share_runs_and_each_gets_its_own_rows():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = SlowModel()
+    coalescer = Coalescer(model)
+    requests = [[f"text {i}", "x" * i] for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(coalescer.frame, requests))
+    for texts, frame in zip(requests, answers, strict=True):
+        assert list(frame["label"]) == texts and list(frame.index) == [0, 1]
+    assert sum(model.runs) == 24 and len(model.runs) < 12  # coalesced: fewer runs than calls
+    assert list(coalescer.frame(["alone"])["label"]) == ["alone"] and model.runs[-1] == 1
+
+
+def test_a_run_takes_at_most_coalesced_texts_unless_one_request_is_longer():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bertflow.serving import COALESCED_TEXTS
+
+    model = SlowModel()
+    requests = [[f"t{i}"] * (COALESCED_TEXTS // 2 + 1) for i in range(4)] + [["long"] * (COALESCED_TEXTS + 1)]
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(Coalescer(model).frame, requests))
+    assert [list(frame["label"]) for frame in answers] == requests
+    assert sorted(model.runs) == [COALESCED_TEXTS // 2 + 1] * 4 + [COALESCED_TEXTS + 1]
+
+
+def test_an_error_reaches_the_caller_and_the_coalescer_goes_on():
+    coalescer = Coalescer(SlowModel())
+    with pytest.raises(RuntimeError, match="boom"):
+        coalescer.frame(["boom"])
+    assert list(coalescer.frame(["fine"])["label"]) == ["fine"]
