@@ -1,0 +1,238 @@
+"""Does from-scratch pretraining pay? Each recipe at the real budget on the real CPU, through the real stages.
+
+A recipe is a set of params overrides (dotted keys, ``benchmarks/pretraining_sweep.json``) on the profile
+(params.yaml by default): ``bertflow pretrain`` with its time budget, ``bertflow finetune`` with
+``finetune.seeds`` seeds (optionally a cheaper probe budget), ``bertflow evaluate``, whose
+``pretraining_gain`` is the answer: the classifier against the same fine-tuning from random weights over
+every seed, with its interval and exact paired test, and against TF-IDF. The random-init twins depend only
+on the architecture and the fine-tuning, so recipes that share those share them (fine-tuned once, then
+grafted into ``artifacts/ablation``).
+
+Each recipe's figures are written to ``benchmarks/results/pretraining_sweep/<recipe>.json`` as soon as it
+ends, with a hash of its params: a recipe already recorded with the same params is not run again, so the
+sweep (hours on 2 cores) goes on where it stopped, in another session or on another day, and the table
+``benchmarks/results/pretraining_sweep.md`` is rebuilt from every recorded recipe.
+
+Reads: the profile, ``data/corpus``, ``data/labeled``, ``artifacts/tokenizer`` and ``data/pretrain`` of
+the project (built through DVC, ``dvc repro pretrain_data``, when missing). Writes: ``<work>/<recipe>/``
+(a project per recipe: data linked, pretraining data rebuilt there when a recipe changes
+``pretrain_data``), ``<work>/ablation/<key>/`` and the results above.
+
+    python benchmarks/pretraining_sweep.py                         # every recipe, probe fine-tuning
+    python benchmarks/pretraining_sweep.py --recipes base,preln_lr2e3 --full   # the full fine-tuning budget
+    python benchmarks/pretraining_sweep.py --profile params.tiny.yaml --project /tmp/tiny \\
+        --results /tmp/sweep-results --seeds 2     # smoke run on a tiny project (ingest..pretrain_data there)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import RESULTS, machine, machine_line  # noqa: E402
+from bertflow.paths import Paths  # noqa: E402
+
+RECIPES = REPO / "benchmarks" / "pretraining_sweep.json"
+PROBE = {"finetune.budget_minutes": 5.0, "finetune.max_steps": None}  # about 0.8 epoch of SST-2 on 2 cores
+INPUTS = ("data/corpus", "data/labeled", "artifacts/tokenizer")
+PRETRAIN_DATA = "data/pretrain"
+ABLATION_KEYS = ("pretrain.architecture", "pretrain.model", "finetune", "ingest", "tokenizer")
+
+
+# ---------------------------------------------------------------- recipes (pure)
+
+
+def set_dotted(params: dict, key: str, value) -> None:
+    """``params[a][b][c] = value`` for the key ``a.b.c``."""
+    node = params
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def get_dotted(params: dict, key: str):
+    node = params
+    for part in key.split("."):
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return node
+
+
+def recipe_params(profile_file: Path, overrides: dict, fine_tuning: dict) -> dict:
+    """The profile with the recipe's overrides and this sweep's fine-tuning, validated (a bad recipe fails
+    before anything runs) and with every path absolute, so the recipe's params file works from its folder."""
+    from bertflow.params import load_params
+
+    changes = {**overrides, **fine_tuning, "evaluate.majority_baseline": False}  # compared with TF-IDF only
+    return load_params(profile_file, changes).model_dump(mode="json")
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def ablation_key(params: dict) -> str:
+    """What the random-init twins depend on: the architecture and sizes, the fine-tuning, the data."""
+    return digest({key: get_dotted(params, key) for key in ABLATION_KEYS})
+
+
+def own_pretraining_data(params: dict, profile: dict) -> bool:
+    return params["pretrain_data"] != profile["pretrain_data"]
+
+
+def figures(root: Path, recipe: str, params_hash: str, seconds: dict) -> dict:
+    """What the table needs from the recipe's reports."""
+    pretrain = json.loads((root / "reports/pretrain.json").read_text())
+    evaluation = json.loads((root / "reports/evaluate.json").read_text())
+    gain = evaluation["pretraining_gain"]
+    return {"recipe": recipe, "params_hash": params_hash, "seconds": seconds,
+            "pretrain": {key: pretrain.get(key) for key in ("steps", "tokens", "tokens_per_second", "heldout",
+                                                            "heldout_at_start")},
+            "test_accuracy": evaluation["test"]["accuracy"], "pretraining_gain": gain}
+
+
+def table(records: list[dict]) -> list[str]:
+    rows = ["| recipe | tokens | held-out | test accuracy per seed | mean | random init (mean) | gain, 95 % "
+            "interval | paired p | vs TF-IDF (p) |", "|---|---|---|---|---|---|---|---|---|"]
+    for record in records:
+        gain, held = record["pretraining_gain"], record["pretrain"].get("heldout") or {}
+        heldout = ", ".join(f"{key} {value}" for key, value in held.items() if key not in ("instances", "step"))
+        tfidf = gain.get("tfidf_logreg", {})
+        rows.append(
+            f"| {record['recipe']} | {record['pretrain'].get('tokens', 0):,} | {heldout} | "
+            f"{' / '.join(f'{100 * a:.1f}' for a in gain['classifier_accuracy_by_seed'])} | "
+            f"{100 * gain['classifier_accuracy']:.2f} | {100 * gain['other_accuracy']:.2f} | "
+            f"{100 * gain['gain']:+.2f} [{100 * gain['gain_interval']['lower']:+.1f}, "
+            f"{100 * gain['gain_interval']['upper']:+.1f}] | {gain['p_value']:.2g} | "
+            f"{100 * tfidf.get('gain', float('nan')):+.2f} ({tfidf.get('p_value', float('nan')):.2g}) |")
+    return rows
+
+
+# ---------------------------------------------------------------- running (edge)
+
+
+def bertflow(stage: str, params_file: Path, root: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tasks.cli", "--params", str(params_file), "--root", str(root), stage],
+                   cwd=REPO, check=True)
+    return round(time.perf_counter() - started, 1)
+
+
+def prepare_project(project: Path, profile_file: Path) -> None:
+    """The profile's inputs through DVC (nothing built twice) when the project lacks them."""
+    if all((project / path).exists() for path in (*INPUTS, PRETRAIN_DATA)):
+        return
+    if project != REPO or profile_file.resolve() != (REPO / "params.yaml").resolve():
+        raise SystemExit(f"{project}: no {PRETRAIN_DATA}; build the profile's data there first (`bertflow --params "
+                         f"{profile_file} --root {project} ingest`, then tokenizer and pretrain_data)")
+    subprocess.run(["dvc", "repro", "pretrain_data"], cwd=REPO, check=True)
+
+
+def link(project: Path, root: Path, paths: tuple[str, ...]) -> None:
+    for rel in paths:
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to((project / rel).resolve())
+
+
+def run_recipe(name: str, params: dict, profile: dict, project: Path, work: Path) -> tuple[Path, dict]:
+    """Pretrain, fine-tune (or graft the shared random-init twins) and evaluate one recipe in its own project."""
+    root = work / name
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    shared = work / "ablation" / ablation_key(params)
+    twins = (shared / "ablation.json").is_file()
+    set_dotted(params, "finetune.random_init_ablation", not twins)
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    seconds = {}
+    link(project, root, INPUTS if own_pretraining_data(params, profile) else (*INPUTS, PRETRAIN_DATA))
+    if own_pretraining_data(params, profile):
+        seconds["pretrain_data"] = bertflow("pretrain_data", params_file, root)
+    for stage in ("pretrain", "finetune"):
+        seconds[stage] = bertflow(stage, params_file, root)
+    if twins:
+        copy_twins(shared, Paths(root).ablation)
+    else:
+        copy_twins(Paths(root).ablation, shared)
+    seconds["evaluate"] = bertflow("evaluate", params_file, root)
+    return root, seconds
+
+
+def copy_twins(source: Path, target: Path) -> None:
+    """The random-init twins of every seed (not the pretrained replicas) and ablation.json, from one ablation
+    folder to another: kept from the first recipe of their key, grafted into the later ones as if their own
+    finetune had made them."""
+    record = json.loads((source / "ablation.json").read_text())
+    layout = Paths(Path("."))  # Paths.replica's layout, relative to an ablation folder
+    folders = ["random_init"] + [layout.replica("random_init", seed).relative_to(layout.ablation)
+                                 for seed in record["seeds"][1:]]
+    for folder in folders:
+        shutil.copytree(source / folder, target / folder, dirs_exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "ablation.json").write_text(json.dumps({**record, "random_init": True}))
+
+
+def recorded(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+
+
+def write_table(results: Path, profile: Path, fine_tuning: dict) -> None:
+    records = recorded(results)
+    lines = [f"# Pretraining recipes on {profile.name}'s budget ({machine_line(machine())})", "",
+             f"Fine-tuning: {json.dumps(fine_tuning)}; `python benchmarks/pretraining_sweep.py` re-runs what "
+             "is missing. Paired p: the exact sign-flip test over the test rows across seeds (evaluate's "
+             "`pretraining_gain`).", "", *table(records), ""]
+    (results.parent / f"{results.name}.md").write_text("\n".join(lines))
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", help="comma-separated names (default: all of --file)")
+    parser.add_argument("--file", type=Path, default=RECIPES)
+    parser.add_argument("--profile", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--project", type=Path, default=REPO, help="where the profile's data and tokenizer are")
+    parser.add_argument("--full", action="store_true", help="the profile's own fine-tuning budget, not the probe")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bertflow-sweep"))
+    parser.add_argument("--results", type=Path, default=RESULTS / "pretraining_sweep")
+    args = parser.parse_args()
+    recipes = json.loads(args.file.read_text())
+    chosen = args.recipes.split(",") if args.recipes else list(recipes)
+    unknown = [name for name in chosen if name not in recipes]
+    if unknown:
+        raise SystemExit(f"{args.file}: no recipe {', '.join(unknown)} (it has {', '.join(recipes)})")
+    profile = recipe_params(args.profile, {}, {})
+    fine_tuning = {"finetune.seeds": args.seeds, **({} if args.full else PROBE)}
+    project = args.project.resolve()
+    prepare_project(project, args.profile)
+    args.results.mkdir(parents=True, exist_ok=True)
+    for name in chosen:
+        params = recipe_params(args.profile, recipes[name], fine_tuning)
+        params_hash = digest(params)
+        done = args.results / f"{name}.json"
+        if done.is_file() and json.loads(done.read_text())["params_hash"] == params_hash:
+            print(f"== {name}: recorded with these params, skipped", flush=True)
+            continue
+        print(f"== {name}", flush=True)
+        root, seconds = run_recipe(name, params, profile, project, args.work)
+        done.write_text(json.dumps(figures(root, name, params_hash, seconds), indent=2) + "\n")
+        write_table(args.results, args.profile, fine_tuning)
+    write_table(args.results, args.profile, fine_tuning)
+
+
+if __name__ == "__main__":
+    main()
