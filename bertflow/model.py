@@ -67,14 +67,14 @@ def load_classifier(path: Path, labels: list[str] | None = None, dropout: float 
         extra["classifier_dropout"] = dropout
     if encoder_dropout is not None:
         extra.update(hidden_dropout_prob=encoder_dropout, attention_probs_dropout_prob=encoder_dropout)
+    config.update(extra)  # on the config, not as from_pretrained keywords: MegatronBert has no classifier_dropout
     if random_init:
-        config.update(extra)
         return AutoModelForSequenceClassification.from_config(config)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the pretraining heads it drops are expected, not news
     try:
-        return AutoModelForSequenceClassification.from_pretrained(str(path), ignore_mismatched_sizes=labels is not None,
-                                                                  **extra)
+        return AutoModelForSequenceClassification.from_pretrained(str(path), config=config,
+                                                                  ignore_mismatched_sizes=labels is not None)
     finally:
         hf_logging.set_verbosity(verbosity)
 
