@@ -228,7 +228,7 @@ def generator_sizes(model: BertModelParams, fraction: float) -> dict:
 def objective_data_error(objective: str, next_sentence: bool) -> str | None:
     """Why ``pretrain.objective`` cannot train on data built with ``pretrain_data.next_sentence``, or None."""
     if objective == "mlm_nsp" and not next_sentence:
-        return ("pretrain.objective mlm_nsp trains next-sentence prediction but pretrain_data.next_sentence is false "
+        return ("pretrain.objective: mlm_nsp trains next-sentence prediction but pretrain_data.next_sentence is false "
                 "(single segments, no next-sentence labels); set pretrain_data.next_sentence: true, or "
                 "pretrain.objective: mlm or electra")
     return None
