@@ -15,21 +15,13 @@ from safetensors.torch import load_file
 from bertflow.io import InputError
 from tasks.cli import run_stage
 from tests.conftest import REPO, copy_outputs, kill_stage_after_first_checkpoint
+from tests.model.test_architectures import curve, report
 
 TINY = REPO / "params.tiny.yaml"
 STEPS = {"pretrain.max_steps": 30, "pretrain.eval_every": 10, "pretrain.checkpoint_every_steps": 10}
 MLM = {**STEPS, "pretrain.objective": "mlm", "pretrain_data.next_sentence": False}
 ELECTRA = {**STEPS, "pretrain.objective": "electra", "pretrain.architecture": "megatron_bert",
            "finetune.random_init_ablation": False, "optimize.variants": ["int8", "onnx"]}
-
-
-def report(root, stage: str) -> dict:
-    return json.loads((root / "reports" / f"{stage}.json").read_text())
-
-
-def curve(root, name: str) -> list[dict]:
-    with open(root / "reports" / "pretrain" / name, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def weights(root) -> dict:
