@@ -180,6 +180,10 @@ class PretrainParams(BudgetFields):
         "mlm_nsp", description="mlm_nsp: masked LM + next-sentence prediction (BERT); mlm: masked LM alone "
         "(RoBERTa); electra: replaced-token detection against a small masked-LM generator")
     electra: ElectraParams = ElectraParams()
+    short_seq_fraction: float = Field(
+        0.0, ge=0, lt=1, description="the first fraction of the budget trains on instances cut to short_seq_length "
+        "(a sequence-length schedule; 0: off); held-out figures always use full instances")
+    short_seq_length: int = Field(64, ge=8, description="the length of the short phase (short_seq_fraction)")
     batch_size: int = Field(64, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0, lt=1)

@@ -91,19 +91,42 @@ class PretrainBatches:
     def lengths(self) -> list[int]:
         return pc.list_value_length(self.table.column("input_ids")).to_pylist()
 
-    def batch(self, indices: list[int], mask_seed: str) -> dict[str, torch.Tensor]:
+    def batch(self, indices: list[int], mask_seed: str, max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Rows ``indices``; dynamic masks drawn per row from (``mask_seed``, row), so a row gets the same
-        mask whichever process, batch slice or position it lands in."""
+        mask whichever process, batch slice or position it lands in. ``max_length``: each row cut to that many
+        word pieces first (``shorten``; the short phase of ``pretrain.short_seq_fraction``)."""
         rows = self.table.take(indices).to_pylist()
-        examples = [self._masked(row, random.Random(f"{mask_seed}/{i}")) for i, row in zip(indices, rows, strict=True)]
+        examples = [self._masked(row, random.Random(f"{mask_seed}/{i}"), max_length)
+                    for i, row in zip(indices, rows, strict=True)]
         return collate(examples, self.pad_id)
 
-    def _masked(self, row: dict, rng: random.Random) -> tuple[list[int], list[int], list[int], list[int], int]:
+    def _masked(self, row: dict, rng: random.Random,
+                max_length: int | None = None) -> tuple[list[int], list[int], list[int], list[int], int]:
+        ids, segments = row["input_ids"], row["token_type_ids"]
+        positions, originals = row["masked_lm_positions"], row["masked_lm_ids"]
+        if max_length is not None:  # before dynamic masking, so a short row still gets its share of masks
+            ids, segments, positions, originals = shorten(ids, segments, positions, originals, max_length)
         if self.masking is not None:
-            ids, positions, originals = mask_tokens(row["input_ids"], self.masking, rng)
-        else:
-            ids, positions, originals = row["input_ids"], row["masked_lm_positions"], row["masked_lm_ids"]
-        return ids, row["token_type_ids"], positions, originals, row["next_sentence_label"]
+            ids, positions, originals = mask_tokens(ids, self.masking, rng)
+        return ids, segments, positions, originals, row["next_sentence_label"]
+
+
+def shorten(ids: list[int], segments: list[int], positions: list[int], originals: list[int],
+            length: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """An instance cut to ``length`` word pieces: each segment keeps its beginning (of a pair, the longer side
+    gives way until both fit, each keeping at least half the room), [CLS] and the [SEP]s stay, and stored
+    masks past the cut are dropped (the others move with their word pieces)."""
+    if len(ids) <= length:
+        return ids, segments, positions, originals
+    first = [i for i in range(1, len(ids)) if segments[i] == 0][:-1]  # segment A without its [SEP]
+    second = [i for i in range(len(ids)) if segments[i] == 1][:-1]  # segment B without its [SEP] (none: single)
+    room = length - (3 if second else 2)
+    b = min(len(second), max(room - len(first), room // 2))
+    a = min(len(first), room - b)
+    keep = [0, *first[:a], len(first) + 1] + ([*second[:b], len(ids) - 1] if second else [])
+    moved = {old: new for new, old in enumerate(keep)}
+    kept = [(moved[p], o) for p, o in zip(positions, originals, strict=True) if p in moved]
+    return [ids[i] for i in keep], [segments[i] for i in keep], [p for p, _ in kept], [o for _, o in kept]
 
 
 def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:

@@ -95,6 +95,7 @@ class LoopState:
     cursor: int = 0  # next position in this epoch's order (of global batches)
     seconds: float = 0.0  # training time so far (not counting time spent dead after a crash)
     tokens: int = 0  # non-padding tokens, all processes together
+    short_steps: int = 0  # steps of the short phase (pretrain.short_seq_fraction)
     heldout_at_start: dict = field(default_factory=dict)  # the held-out figures before the first step
 
 
@@ -135,7 +136,10 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
         started = time.perf_counter()
         lr = tr.set_lr(optimizer, params.learning_rate,
                        tr.lr_factor(budget.progress(state.step, state.seconds), params.warmup_fraction))
-        losses, tokens = accumulate(stepper, train_batches, params, state, order_cache, settings)
+        short = budget.progress(state.step, state.seconds) < params.short_seq_fraction
+        losses, tokens = accumulate(stepper, train_batches, params, state, order_cache, settings,
+                                    params.short_seq_length if short else None)
+        state.short_steps += short
         torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -181,7 +185,7 @@ def step_loss(out: PretrainingOutput, objective: Objective, world: dd.World) -> 
     return loss
 
 
-def accumulate(stepper, batches, params, state, order_cache, settings: StepSettings
+def accumulate(stepper, batches, params, state, order_cache, settings: StepSettings, max_length: int | None = None
                ) -> tuple[tuple[float, float, float, float], int]:
     """Forward/backward over ``gradient_accumulation_steps`` global micro-batches, each split over the
     processes; returns the step's mean losses (total, mlm, nsp, rtd) and its non-padding tokens, all processes
@@ -190,6 +194,7 @@ def accumulate(stepper, batches, params, state, order_cache, settings: StepSetti
     Each token-averaged loss of a process is weighted by its share of the micro-batch's tokens (``step_loss``),
     so DDP's gradient average is the gradient of the whole micro-batch's mean loss: the same as one
     process with the same global batch. Gradients are synchronised only on the last micro-batch.
+    ``max_length``: instances cut to that length (the short phase of the sequence-length schedule).
     """
     world, steps, objective = settings.world, params.gradient_accumulation_steps, settings.objective
     # mlm loss × masked tokens, masked tokens, nsp loss, non-padding tokens, rtd loss × positions, positions
@@ -197,7 +202,7 @@ def accumulate(stepper, batches, params, state, order_cache, settings: StepSetti
     for micro in range(steps):
         indices = dd.rank_share(next_indices(state, batches, params.batch_size, order_cache), world)
         seed = f"{params.seed}/{state.step}/{micro}"
-        batch = tr.to_device(batches.batch(indices, mask_seed=seed), world.device)
+        batch = tr.to_device(batches.batch(indices, mask_seed=seed, max_length=max_length), world.device)
         sync = micro == steps - 1 or not world.distributed
         with nullcontext() if sync else stepper.no_sync():
             with tr.autocast(settings.bf16, world.device):
@@ -245,6 +250,10 @@ def load_data(paths: Paths, tokenizer, params: PretrainParams) -> tuple[Pretrain
     if mismatch:
         raise InputError(f"{paths.pretrain_data}: {mismatch} (the shards were built with next_sentence false; "
                          "re-run `bertflow pretrain_data`)")
+    if params.short_seq_fraction and params.short_seq_length >= data_params.max_seq_length:
+        raise InputError(f"pretrain.short_seq_length is {params.short_seq_length} but the instances are at most "
+                         f"pretrain_data.max_seq_length {data_params.max_seq_length} long: the short phase would cut "
+                         "nothing; make it shorter, or set pretrain.short_seq_fraction: 0")
     dynamic = masking_spec(tokenizer, data_params) if data_params.masking == "dynamic" else None
     train = PretrainBatches(read_shards(paths.pretrain_data / "train"), tokenizer.pad_token_id, dynamic, params.seed)
     heldout = PretrainBatches(read_shards(paths.pretrain_data / "heldout"), tokenizer.pad_token_id, None, params.seed)
@@ -280,8 +289,17 @@ def run(params: PretrainParams, paths: Paths) -> dict:
             "tokens": state.tokens, "seconds": round(state.seconds, 1),
             "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9)), "bf16": settings.bf16,
             "device": str(world.device), "threads": threads, "processes": world.size,
-            "parameters": encoder_parameters(model), **trained, "resumed_from_step": resumed_from or 0,
+            "parameters": encoder_parameters(model), **trained, **schedule_details(params, state),
+            "resumed_from_step": resumed_from or 0,
             "start": start, "heldout_at_start": state.heldout_at_start, "heldout": final_eval}
+
+
+def schedule_details(params: PretrainParams, state: LoopState) -> dict:
+    """The sequence-length schedule, when on: the short length and how many steps trained at it."""
+    if not params.short_seq_fraction:
+        return {}
+    return {"short_seq": {"length": params.short_seq_length, "fraction": params.short_seq_fraction,
+                          "steps": state.short_steps}}
 
 
 def save_pretrained(model, tokenizer, folder: Path, objective: Objective) -> None:

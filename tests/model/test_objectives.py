@@ -1,6 +1,7 @@
-"""``pretrain.objective`` on the tiny profile: mlm (single segments, no NSP) and electra (on pre-LN BERT, the
-combination the sweep wants) lower their losses and report the held-out figures they have; a killed ELECTRA run
-resumes to the same weights (discriminator, generator and heads); the ELECTRA discriminator goes through finetune,
+"""``pretrain.objective`` on the tiny profile: mlm (single segments, no NSP, with the sequence-length schedule:
+the first half of the steps on instances cut to 32 word pieces) and electra (on pre-LN BERT, the
+combination the sweep wants) lower their losses and report the held-out figures they have; a killed run of
+each resumes to the same weights (discriminator, generator and heads); the ELECTRA discriminator goes through finetune,
 evaluate, attention, optimize (int8, ONNX within its tolerance), register and a consumer process without bertflow."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from tests.model.test_architectures import curve, report
 
 TINY = REPO / "params.tiny.yaml"
 STEPS = {"pretrain.max_steps": 30, "pretrain.eval_every": 10, "pretrain.checkpoint_every_steps": 10}
-MLM = {**STEPS, "pretrain.objective": "mlm", "pretrain_data.next_sentence": False}
+MLM = {**STEPS, "pretrain.objective": "mlm", "pretrain_data.next_sentence": False,
+       "pretrain.short_seq_fraction": 0.5, "pretrain.short_seq_length": 32}
 ELECTRA = {**STEPS, "pretrain.objective": "electra", "pretrain.architecture": "megatron_bert",
            "finetune.random_init_ablation": False, "optimize.variants": ["int8", "onnx"]}
 
@@ -62,6 +64,7 @@ def test_mlm_on_single_segments_lowers_its_loss_and_reports_no_nsp(mlm):
     figures = report(mlm, "pretrain")
     assert (figures["objective"], figures["inputs"]) == ("mlm", "single segments")
     assert figures["untrained_heads"] == ["nsp_head", "pooler"]
+    assert figures["short_seq"] == {"length": 32, "fraction": 0.5, "steps": 15}  # steps 0-14 of 30
     assert "nsp_accuracy" not in figures["heldout"]
     assert figures["heldout"]["mlm_loss"] < figures["heldout_at_start"]["mlm_loss"]
 
@@ -78,6 +81,23 @@ def test_mlm_leaves_the_nsp_head_as_initialised(mlm):
         assert (saved[key] == start[key]).all(), key
     assert not (saved["bert.encoder.layer.0.output.dense.weight"] == start["bert.encoder.layer.0.output.dense.weight"]
                 ).all()
+
+
+def resumes_to_the_same_weights(finished, overrides: dict, crashed) -> dict:
+    """Kill a copy of ``finished``'s run after its first checkpoint, resume it, compare every saved weight."""
+    for name in ("data", "artifacts/tokenizer"):
+        shutil.copytree(finished / name, crashed / name)
+    kill_stage_after_first_checkpoint("pretrain", crashed, crashed / "artifacts/pretrain_checkpoints", overrides)
+    resumed = run_stage("pretrain", TINY, crashed, overrides)
+    assert 10 <= resumed["resumed_from_step"] < 30 and resumed["steps"] == 30
+    a, b = weights(finished), weights(crashed)
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    return resumed
+
+
+def test_mlm_with_the_length_schedule_resumes_after_kill_with_the_same_weights(mlm, tmp_path):
+    resumed = resumes_to_the_same_weights(mlm, MLM, tmp_path / "crashed")
+    assert resumed["short_seq"]["steps"] == 15
 
 
 def test_mlm_nsp_refuses_single_segments_naming_both_keys(mlm, tmp_path):
@@ -106,15 +126,8 @@ def test_electra_lowers_its_losses_and_saves_the_discriminator_as_the_encoder(el
 
 
 def test_electra_resumes_after_kill_with_the_same_weights(electra, tmp_path):
-    crashed = tmp_path / "crashed"
-    for name in ("data", "artifacts/tokenizer"):
-        shutil.copytree(electra / name, crashed / name)
-    kill_stage_after_first_checkpoint("pretrain", crashed, crashed / "artifacts/pretrain_checkpoints", ELECTRA)
-    resumed = run_stage("pretrain", TINY, crashed, ELECTRA)
-    assert 10 <= resumed["resumed_from_step"] < 30 and resumed["steps"] == 30
-    a, b = weights(electra), weights(crashed)
-    assert any(key.startswith("electra/generator.") for key in a)
-    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    resumes_to_the_same_weights(electra, ELECTRA, tmp_path / "crashed")
+    assert any(key.startswith("electra/generator.") for key in weights(electra))
 
 
 def test_electra_runs_every_later_stage_and_is_served_without_bertflow(electra, tmp_path, monkeypatch):

@@ -66,3 +66,17 @@ def test_each_objective_reports_only_the_figures_it_has():
     electra = _heldout_figures(sums, 8, Objective("electra"), scores, labels)
     assert "nsp_accuracy" not in electra
     assert (electra["rtd_accuracy"], electra["rtd_auc"], electra["rtd_loss"]) == (0.9, 1.0, 0.25)
+
+
+def test_shorten_keeps_each_segments_beginning_and_moves_the_masks():
+    from bertflow.pretraining import shorten
+
+    pair = [2, 10, 11, 12, 13, 3, 20, 21, 22, 3]  # [CLS] a1..a4 [SEP] b1..b3 [SEP]
+    segments = [0] * 6 + [1] * 4
+    assert shorten(pair, segments, [2, 4, 7, 8], [111, 113, 121, 122], 7) == (
+        [2, 10, 11, 3, 20, 21, 3], [0, 0, 0, 0, 1, 1, 1], [2, 5], [111, 121])
+    assert shorten(pair, segments, [2], [111], 10) == (pair, segments, [2], [111])  # short enough: unchanged
+    long_a = [2, *range(10, 20), 3, 20, 3]  # A of 10, B of 1: B keeps its piece, A gives way
+    assert shorten(long_a, [0] * 12 + [1] * 2, [], [], 8)[0] == [2, 10, 11, 12, 13, 3, 20, 3]
+    single = [2, 10, 11, 12, 13, 14, 3]
+    assert shorten(single, [0] * 7, [1, 5], [110, 114], 5) == ([2, 10, 11, 12, 3], [0] * 5, [1], [110])
