@@ -328,12 +328,11 @@ def objective_details(model, params: PretrainParams, info: dict) -> dict:
         details["untrained_heads"] = ["nsp_head", "pooler"]
     if params.objective == "electra":
         small = model.generator.config
+        trained = sum(p.numel() for name, p in model.named_parameters()  # its encoder, projection and head
+                      if p.requires_grad and not name.startswith(("discriminator.", "rtd_head.")))
         details["generator"] = {"hidden_size": small.hidden_size, "intermediate_size": small.intermediate_size,
                                 "num_attention_heads": small.num_attention_heads,
-                                "num_hidden_layers": small.num_hidden_layers,
-                                "parameters": sum(p.numel() for p in model.generator.parameters() if p.requires_grad)
-                                + sum(p.numel() for m in (model.generator_input, model.generator_head)
-                                      for p in m.parameters()) + model.generator_bias.numel(),
+                                "num_hidden_layers": small.num_hidden_layers, "parameters": trained,
                                 "saved_in": "artifacts/pretrained/electra"}
         details["rtd_weight"] = params.electra.rtd_weight
     return details
