@@ -35,6 +35,14 @@ def pretraining_class(architecture: str):
     return {"bert": BertForPreTraining, "megatron_bert": MegatronBertForPreTraining}[architecture]
 
 
+def encoder_class(architecture: str):
+    """The bare encoder class of ``architecture`` (``BertModel`` or ``MegatronBertModel``): ELECTRA's
+    discriminator and generator, and what an ELECTRA run saves as the pretrained model."""
+    from transformers import BertModel, MegatronBertModel
+
+    return {"bert": BertModel, "megatron_bert": MegatronBertModel}[architecture]
+
+
 def architecture_of(model_type: str | None, where: str) -> str:
     """The architecture of a config's ``model_type``; one error naming it and what is supported otherwise."""
     if model_type not in MODEL_TYPES:

@@ -43,10 +43,9 @@ def model_card(name: str, version: str | None, params: dict, reports: dict, line
         f"- {family(params['pretrain'].get('architecture', 'bert'))} L{model['num_hidden_layers']}/"
         f"H{model['hidden_size']}/A{model['num_attention_heads']}, {pretrain.get('parameters', '?')} parameters, "
         f"vocabulary {reports.get('tokenizer', {}).get('vocab_size')}.",
-        f"- Pretraining: {pretrain.get('steps', '?')} steps, {pretrain.get('tokens', '?')} tokens in "
-        f"{pretrain.get('seconds', '?')} s; held-out MLM accuracy "
-        f"{evaluation.get('pretrained_heldout', {}).get('mlm_accuracy', '?')}, NSP accuracy "
-        f"{evaluation.get('pretrained_heldout', {}).get('nsp_accuracy', '?')}.",
+        f"- Pretraining ({pretrain.get('objective', 'mlm_nsp')}): {pretrain.get('steps', '?')} steps, "
+        f"{pretrain.get('tokens', '?')} tokens in {pretrain.get('seconds', '?')} s; "
+        f"{heldout_text(evaluation.get('pretrained_heldout', {}))}.",
         f"- Fine-tuning: {finetune_text(finetune.get('pretrained', {}), params['finetune'])}.", "",
         "## Evaluation (test split)", "",
         "| model | accuracy | macro-F1 |", "|---|---|---|",
@@ -105,6 +104,17 @@ def comparisons(evaluation: dict) -> list[tuple[str, dict, str]]:
             found.append((f"classifier {interval_text(test)} vs {name} {100 * figures['accuracy']:.1f} %",
                           figures["mcnemar"], verdict))
     return found
+
+
+def heldout_text(held: dict) -> str:
+    """The pretrained model's held-out figures in words, those its objective has."""
+    mlm = "generator MLM accuracy" if held.get("mlm_of") == "generator" else "MLM accuracy"
+    text = f"held-out {mlm} {held.get('mlm_accuracy', '?')}"
+    if "rtd_accuracy" in held:
+        return text + f", replaced-token detection accuracy {held['rtd_accuracy']} (ROC-AUC {held.get('rtd_auc')})"
+    if "nsp_accuracy" in held or "objective" not in held:
+        return text + f", NSP accuracy {held.get('nsp_accuracy', '?')}"
+    return text
 
 
 def family(architecture: str) -> str:

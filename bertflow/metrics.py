@@ -47,3 +47,20 @@ def classification_report(labels: np.ndarray, predicted: np.ndarray, scores: np.
 def headline(report: dict) -> dict:
     """Accuracy, macro-F1 and (binary) ROC-AUC of a ``classification_report``."""
     return {key: report[key] for key in ("accuracy", "macro_f1", "roc_auc") if key in report}
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (1 = positive): the chance that a random
+    positive scores above a random negative, ties counting half (Mann-Whitney U over average ranks).
+    None when one class is absent."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if not positives or not negatives:
+        return None
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    ranks[order] = np.arange(1, len(scores) + 1)
+    unique, inverse = np.unique(scores, return_inverse=True)
+    sums = np.bincount(inverse, weights=ranks, minlength=len(unique))
+    ranks = (sums / np.bincount(inverse, minlength=len(unique)))[inverse]  # ties share their mean rank
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))

@@ -1,7 +1,9 @@
-"""Next-sentence-prediction pairs with create_pretraining_data.py's semantics.
+"""Next-sentence-prediction pairs with create_pretraining_data.py's semantics, and single segments without them.
 
 Pure: documents of token ids in, ``[CLS] A [SEP] B [SEP]`` instances out, with an explicit ``random.Random``.
-B is A's continuation half of the time, otherwise text from another document (label 1).
+B is A's continuation half of the time, otherwise text from another document (label 1). Without
+next-sentence prediction (``pretrain_data.next_sentence: false``) ``create_segments_from_document`` packs
+a document's contiguous sentences into ``[CLS] text [SEP]`` instances (RoBERTa's packing, inside one document).
 """
 
 from __future__ import annotations
@@ -101,3 +103,29 @@ def _assemble(tokens_a: list[int], tokens_b: list[int], is_random: bool, spec: P
     ids = [spec.cls_id, *tokens_a, spec.sep_id, *tokens_b, spec.sep_id]
     segments = [0] * (len(tokens_a) + 2) + [1] * (len(tokens_b) + 1)
     return Instance(ids, segments, is_random)
+
+
+def create_segments_from_document(document: Document, spec: PairSpec, rng: random.Random) -> list[Instance]:
+    """One-segment instances: whole contiguous sentences packed up to the target length, all segment 0.
+
+    The target is ``max_seq_length - 2`` word pieces, or with ``short_seq_prob`` a random length from 2
+    (drawn once per document, as for pairs); a sentence longer than the target is cut into target-long pieces.
+    """
+    max_tokens = spec.max_seq_length - 2
+    target = rng.randint(2, max_tokens) if rng.random() < spec.short_seq_prob else max_tokens
+    instances: list[Instance] = []
+    chunk: list[int] = []
+    for sentence in document:
+        for start in range(0, len(sentence), target):
+            piece = sentence[start:start + target]
+            if chunk and len(chunk) + len(piece) > target:
+                instances.append(_single(chunk, spec))
+                chunk = []
+            chunk.extend(piece)
+    if chunk:
+        instances.append(_single(chunk, spec))
+    return instances
+
+
+def _single(tokens: list[int], spec: PairSpec) -> Instance:
+    return Instance([spec.cls_id, *tokens, spec.sep_id], [0] * (len(tokens) + 2), False)

@@ -113,6 +113,9 @@ class PretrainDataParams(Section):
         False, description="also pretrain on the labeled training texts (task-adaptive MLM; labels unused)")
     labeled_rows_per_document: int = Field(8, ge=1, description="labeled texts grouped into one pseudo-document")
     labeled_repeat: int = Field(1, ge=1, le=100, description="copies of the labeled texts, each grouped anew")
+    next_sentence: bool = Field(
+        True, description="true: [CLS] A [SEP] B [SEP] pairs for next-sentence prediction; false: one segment of "
+        "contiguous sentences of a document up to max_seq_length (RoBERTa's packing; objective mlm or electra)")
 
 
 Bf16 = bool | Literal["auto"]
@@ -154,6 +157,16 @@ class BudgetFields(Section):
         return self
 
 
+class ElectraParams(Section):
+    """ELECTRA (Clark et al. 2020): a small masked-LM generator fills the masked positions with samples and the
+    encoder (the discriminator) learns which word pieces were replaced."""
+
+    generator_size: float = Field(
+        0.25, gt=0, le=1, description="the generator's hidden size, intermediate size and heads as a fraction of the "
+        "discriminator's (ELECTRA: 1/4 for small models); the heads must divide the width")
+    rtd_weight: float = Field(50.0, gt=0, description="weight of the replaced-token-detection loss (ELECTRA: 50)")
+
+
 class PretrainParams(BudgetFields):
     init: str = Field(
         SCRATCH, description="scratch (random weights, sizes from pretrain.model), or a BERT checkpoint to "
@@ -163,6 +176,14 @@ class PretrainParams(BudgetFields):
         "bert", description="bert: post-LayerNorm BERT; megatron_bert: pre-LayerNorm (transformers' MegatronBert), "
         "stable at higher peak learning rates. From a checkpoint (init), it must name the checkpoint's own")
     model: BertModelParams = BertModelParams()
+    objective: Literal["mlm_nsp", "mlm", "electra"] = Field(
+        "mlm_nsp", description="mlm_nsp: masked LM + next-sentence prediction (BERT); mlm: masked LM alone "
+        "(RoBERTa); electra: replaced-token detection against a small masked-LM generator")
+    electra: ElectraParams = ElectraParams()
+    short_seq_fraction: float = Field(
+        0.0, ge=0, lt=1, description="the first fraction of the budget trains on instances cut to short_seq_length "
+        "(a sequence-length schedule; 0: off); held-out figures always use full instances")
+    short_seq_length: int = Field(64, ge=8, description="the length of the short phase (short_seq_fraction)")
     batch_size: int = Field(64, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0, lt=1)
@@ -189,6 +210,32 @@ class PretrainParams(BudgetFields):
     @classmethod
     def _init_exists(cls, value: str, info: ValidationInfo) -> str:
         return value if value == SCRATCH else _check_local_path(value, info)
+
+    @model_validator(mode="after")
+    def _generator_heads_divide(self):
+        if self.objective == "electra":
+            generator_sizes(self.model, self.electra.generator_size)
+        return self
+
+
+def generator_sizes(model: BertModelParams, fraction: float) -> dict:
+    """The ELECTRA generator's width, feed-forward size and heads: ``fraction`` of the discriminator's."""
+    sizes = {key: max(1, round(getattr(model, key) * fraction))
+             for key in ("hidden_size", "intermediate_size", "num_attention_heads")}
+    if sizes["hidden_size"] % sizes["num_attention_heads"]:
+        raise ValueError(f"electra.generator_size {fraction} gives a generator of hidden_size {sizes['hidden_size']} "
+                         f"and {sizes['num_attention_heads']} heads, which do not divide it; choose a fraction that "
+                         "keeps the heads dividing the width")
+    return sizes
+
+
+def objective_data_error(objective: str, next_sentence: bool) -> str | None:
+    """Why ``pretrain.objective`` cannot train on data built with ``pretrain_data.next_sentence``, or None."""
+    if objective == "mlm_nsp" and not next_sentence:
+        return ("pretrain.objective: mlm_nsp trains next-sentence prediction but pretrain_data.next_sentence is false "
+                "(single segments, no next-sentence labels); set pretrain_data.next_sentence: true, or "
+                "pretrain.objective: mlm or electra")
+    return None
 
 
 class BigramParams(Section):
@@ -419,9 +466,13 @@ def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Pa
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     try:
-        return Params.model_validate(raw, context={"base_dir": Path(os.path.abspath(path)).parent})
+        params = Params.model_validate(raw, context={"base_dir": Path(os.path.abspath(path)).parent})
     except ValidationError as exc:
         raise ParamsError(_format_errors(path, exc)) from None
+    across = objective_data_error(params.pretrain.objective, params.pretrain_data.next_sentence)
+    if across:
+        raise ParamsError(f"{path}: invalid params\n  {across}")
+    return params
 
 
 def write_params_copy(source: str | Path, target: Path, sections: dict[str, dict]) -> Path:
@@ -472,6 +523,8 @@ def _describe(error: dict) -> str:
     if error["type"] == "missing":
         return "required key is missing"
     message = error["msg"].removeprefix("Value error, ")
+    if isinstance(error.get("input"), dict):  # a rule over a whole section: the message says what it saw
+        return message
     return f"{message} (got {error.get('input')!r})"
 
 

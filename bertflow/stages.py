@@ -33,7 +33,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("lm_baselines", "bigram (Kneser-Ney) and LSTM language models: held-out perplexity over the word pieces",
           ("lm_baselines",)),
     Stage("pretrain_data", "build NSP pairs and MLM masks into data/pretrain", ("pretrain_data",)),
-    Stage("pretrain", "pretrain BERT (MLM + NSP) into artifacts/pretrained", ("pretrain",),
+    Stage("pretrain", "pretrain BERT (MLM + NSP, MLM or ELECTRA) into artifacts/pretrained", ("pretrain",),
           distributed=True, pooled=True),
     Stage("finetune", "fine-tune the classifier into artifacts/classifier (+ the random-init ablation)",
           ("finetune",), distributed=True, pooled=True),

@@ -23,7 +23,7 @@ from bertflow.params import AttentionParams, AttentionSentence
 from bertflow.paths import Paths
 from bertflow.tokenization import load_tokenizer
 
-MODELS = {"pretrained": "pretrained (MLM + NSP)", "classifier": "fine-tuned classifier"}
+MODELS = {"pretrained": "pretrained encoder", "classifier": "fine-tuned classifier"}
 SPECIAL = ("[CLS]", "[SEP]")
 
 # ---------------------------------------------------------------- weights (pure given a model)

@@ -118,20 +118,33 @@ def evaluate_classifier(folder: Path, test: tuple[list[str], list[int]], params:
 
 
 def evaluate_pretrained(paths: Paths, params: EvaluateParams) -> dict:
-    """Held-out MLM accuracy and perplexity, NSP accuracy, of the pretrained model (fp32)."""
+    """The pretrained model's held-out figures (fp32) for the objective that trained it (its ``pretraining.json``):
+    MLM accuracy, loss and perplexity (ELECTRA: the generator's), NSP accuracy with NSP, and with ELECTRA the
+    replaced-token detection's accuracy and ROC-AUC."""
     from transformers import AutoModelForPreTraining
 
-    from bertflow.pretraining import PretrainBatches, evaluate_pretraining, read_shards
+    from bertflow.pretraining import PretrainBatches, evaluate_pretraining, read_objective, read_shards
 
     if not (paths.pretrained / "config.json").is_file():
         raise InputError(f"{paths.pretrained}: no pretrained model; run `bertflow pretrain` first")
-    model = AutoModelForPreTraining.from_pretrained(str(paths.pretrained))
+    objective = read_objective(paths.pretrained)
+    if objective.electra:
+        from bertflow import electra
+
+        model = electra.load(paths.pretrained)
+    else:
+        model = AutoModelForPreTraining.from_pretrained(str(paths.pretrained))
     tokenizer = load_tokenizer(paths.pretrained)
     heldout = PretrainBatches(read_shards(paths.pretrain_data / "heldout"), tokenizer.pad_token_id, None, seed=0)
-    figures = evaluate_pretraining(model, heldout, params.heldout_instances, params.batch_size, bf16=False)
-    return {"mlm_accuracy": figures["mlm_accuracy"], "mlm_loss": figures["mlm_loss"],
-            "mlm_perplexity": round(math.exp(figures["mlm_loss"]), 3), "nsp_accuracy": figures["nsp_accuracy"],
-            "instances": figures["instances"]}
+    figures = evaluate_pretraining(model, heldout, params.heldout_instances, params.batch_size, bf16=False,
+                                   objective=objective)
+    found = {"mlm_accuracy": figures["mlm_accuracy"], "mlm_loss": figures["mlm_loss"],
+             "mlm_perplexity": round(math.exp(figures["mlm_loss"]), 3)}
+    found.update({key: figures[key] for key in ("nsp_accuracy", "rtd_accuracy", "rtd_auc", "rtd_loss",
+                                                "replaced_fraction") if key in figures})
+    if objective.electra:
+        found["mlm_of"] = "generator"
+    return {"objective": objective.name, **found, "instances": figures["instances"]}
 
 
 def score_baselines(paths: Paths, params: EvaluateParams, train: tuple[list[str], list[int]],

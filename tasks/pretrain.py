@@ -1,8 +1,11 @@
-"""Stage pretrain: BERT masked-language-model + next-sentence-prediction pretraining.
+"""Stage pretrain: BERT pretraining with ``pretrain.objective``: masked LM + next-sentence prediction (mlm_nsp),
+masked LM alone (mlm), or ELECTRA's replaced-token detection against a small generator (electra).
 
 Reads: ``data/pretrain/{train,heldout}/*.arrow`` + ``info.json``, ``artifacts/tokenizer``, and the
 ``pretrain.init`` checkpoint when pretraining continues from one (a folder, or hf: through the hub cache).
-Writes: ``artifacts/pretrained/`` (``save_pretrained`` layout, safetensors, plus the tokenizer),
+Writes: ``artifacts/pretrained/`` (``save_pretrained`` layout, safetensors, plus the tokenizer and
+``pretraining.json`` naming the objective; with electra the discriminator as a bare encoder and ``electra/``
+holding the generator and the heads, ``bertflow/electra.py``),
 ``artifacts/pretrain_checkpoints/`` (resumable state; persistent across runs), the curves
 ``reports/pretrain/{train,eval}.csv`` and ``reports/pretrain.json``.
 Run: ``bertflow pretrain``; after a crash the same command resumes from the last checkpoint.
@@ -33,16 +36,16 @@ from bertflow.model import (
     construct_config,
     construct_pretraining_model,
     masked_lm_loss,
-    pretraining_loss,
 )
-from bertflow.params import PretrainDataParams, PretrainParams
+from bertflow.params import PretrainDataParams, PretrainParams, objective_data_error
 from bertflow.paths import Paths
-from bertflow.pretraining import PretrainBatches, evaluate_pretraining, read_shards
+from bertflow.pretraining import Objective, PretrainBatches, evaluate_pretraining, read_shards, write_objective
 from bertflow.tokenization import load_tokenizer, save_model_folder
 
 log = logging.getLogger(__name__)
-TRAIN_FIELDS = ["step", "loss", "mlm_loss", "nsp_loss", "lr", "tokens_per_second", "seconds"]
-EVAL_FIELDS = ["step", "mlm_loss", "mlm_accuracy", "nsp_accuracy", "seconds"]
+# Every objective writes every column (empty where it has no such figure), so dvc.yaml's plots hold for all.
+TRAIN_FIELDS = ["step", "loss", "mlm_loss", "nsp_loss", "rtd_loss", "lr", "tokens_per_second", "seconds"]
+EVAL_FIELDS = ["step", "mlm_loss", "mlm_accuracy", "nsp_accuracy", "rtd_loss", "rtd_accuracy", "rtd_auc", "seconds"]
 
 
 # ---------------------------------------------------------------- data
@@ -57,27 +60,32 @@ EVAL_FIELDS = ["step", "mlm_loss", "mlm_accuracy", "nsp_accuracy", "seconds"]
 @dataclass
 class StepSettings:
     """How a training step computes: bf16 autocast or not, the masked-LM loss function, the process world
-    (which holds this process's device)."""
+    (which holds this process's device), the objective."""
 
     bf16: bool
     mlm_loss: Callable = masked_lm_loss
     world: dd.World = field(default_factory=dd.World)
+    objective: Objective = field(default_factory=Objective)
 
     @classmethod
     def from_params(cls, params: PretrainParams, world: dd.World) -> StepSettings:
         loss = compiled_masked_lm_loss() if params.compile_loss else masked_lm_loss
-        return cls(tr.use_bf16(params.bf16, world.device), loss, world)
+        return cls(tr.use_bf16(params.bf16, world.device), loss, world, objective_of(params))
+
+
+def objective_of(params: PretrainParams) -> Objective:
+    return Objective(params.objective, params.electra.rtd_weight)
 
 
 class PretrainingStep(torch.nn.Module):
     """The model and its loss as one module, so DistributedDataParallel sees (and syncs) the whole step."""
 
-    def __init__(self, model, mlm_loss: Callable):
+    def __init__(self, model, mlm_loss: Callable, objective: Objective):
         super().__init__()
-        self.model, self.mlm_loss = model, mlm_loss
+        self.model, self.mlm_loss, self.objective = model, mlm_loss, objective
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> PretrainingOutput:
-        return pretraining_loss(self.model, batch, self.mlm_loss)
+    def forward(self, batch: dict[str, torch.Tensor], noise_seed: str) -> PretrainingOutput:
+        return self.objective.loss(self.model, batch, self.mlm_loss, noise_seed)
 
 
 @dataclass
@@ -87,6 +95,7 @@ class LoopState:
     cursor: int = 0  # next position in this epoch's order (of global batches)
     seconds: float = 0.0  # training time so far (not counting time spent dead after a crash)
     tokens: int = 0  # non-padding tokens, all processes together
+    short_steps: int = 0  # steps of the short phase (pretrain.short_seq_fraction)
     heldout_at_start: dict = field(default_factory=dict)  # the held-out figures before the first step
 
 
@@ -115,7 +124,7 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
     world = settings.world
     budget = tr.Budget(params.max_steps, params.budget_minutes)
     train_log, eval_log = logs
-    stepper = dd.wrap(PretrainingStep(model, settings.mlm_loss), settings.world)
+    stepper = dd.wrap(PretrainingStep(model, settings.mlm_loss, settings.objective), settings.world)
     order_cache: dict = {}
     last_eval: dict = {}
     bar = tqdm(total=1000, desc="pretrain", unit="‰", mininterval=2, disable=None if world.main else True,
@@ -127,7 +136,10 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
         started = time.perf_counter()
         lr = tr.set_lr(optimizer, params.learning_rate,
                        tr.lr_factor(budget.progress(state.step, state.seconds), params.warmup_fraction))
-        losses, tokens = accumulate(stepper, train_batches, params, state, order_cache, settings)
+        short = budget.progress(state.step, state.seconds) < params.short_seq_fraction
+        losses, tokens = accumulate(stepper, train_batches, params, state, order_cache, settings,
+                                    params.short_seq_length if short else None)
+        state.short_steps += short
         torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -138,12 +150,12 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
         bar.update(int(1000 * budget.progress(state.step, state.seconds)) - bar.n)
         bar.set_postfix(loss=f"{losses[0]:.3f}", tok_s=f"{tokens / elapsed:.0f}", step=state.step)
         if state.step % params.log_every == 0 or state.step == 1:
-            train_log.write(step=state.step, loss=round(losses[0], 5), mlm_loss=round(losses[1], 5),
-                            nsp_loss=round(losses[2], 5), lr=f"{lr:.3e}", tokens_per_second=round(tokens / elapsed),
+            parts = loss_columns(losses, settings.objective)
+            train_log.write(step=state.step, **parts, lr=f"{lr:.3e}", tokens_per_second=round(tokens / elapsed),
                             seconds=round(state.seconds, 1))
             if world.main:
-                log.info("step %d loss %.4f (mlm %.4f, nsp %.4f) lr %.2e %.0f tokens/s", state.step, *losses, lr,
-                         tokens / elapsed)
+                log.info("step %d %s lr %.2e %.0f tokens/s", state.step,
+                         " ".join(f"{k} {v:.4f}" for k, v in parts.items() if v != ""), lr, tokens / elapsed)
         if state.step % params.eval_every == 0:
             last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, settings)
         if world.main and store.due(state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes):
@@ -154,39 +166,64 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
     return last_eval
 
 
-def accumulate(stepper, batches, params, state, order_cache, settings: StepSettings
-               ) -> tuple[tuple[float, float, float], int]:
-    """Forward/backward over ``gradient_accumulation_steps`` global micro-batches, each split over the
-    processes; returns the step's mean losses and its non-padding tokens, all processes together.
+def loss_columns(losses: tuple[float, float, float, float], objective: Objective) -> dict:
+    """The train.csv loss columns of one step; empty where the objective has no such loss."""
+    total, mlm, nsp, rtd = losses
+    return {"loss": round(total, 5), "mlm_loss": round(mlm, 5), "nsp_loss": round(nsp, 5) if objective.nsp else "",
+            "rtd_loss": round(rtd, 5) if objective.electra else ""}
 
-    The masked-LM loss of each process is weighted by its share of the micro-batch's masked tokens,
+
+def step_loss(out: PretrainingOutput, objective: Objective, world: dd.World) -> torch.Tensor:
+    """The loss this process back-propagates: each token-averaged loss weighted by this process's share of the
+    global micro-batch's tokens it averages over (masked tokens for the MLM, non-padding ones for RTD)."""
+    masked, positions = dd.all_reduce([out.mlm_count, out.rtd_count], world, mean=False)
+    loss = out.mlm_loss * (out.mlm_count * world.size / max(masked, 1))
+    if objective.nsp:
+        loss = loss + out.nsp_loss
+    if objective.electra:
+        loss = loss + objective.rtd_weight * out.rtd_loss * (out.rtd_count * world.size / max(positions, 1))
+    return loss
+
+
+def accumulate(stepper, batches, params, state, order_cache, settings: StepSettings, max_length: int | None = None
+               ) -> tuple[tuple[float, float, float, float], int]:
+    """Forward/backward over ``gradient_accumulation_steps`` global micro-batches, each split over the
+    processes; returns the step's mean losses (total, mlm, nsp, rtd) and its non-padding tokens, all processes
+    together.
+
+    Each token-averaged loss of a process is weighted by its share of the micro-batch's tokens (``step_loss``),
     so DDP's gradient average is the gradient of the whole micro-batch's mean loss: the same as one
     process with the same global batch. Gradients are synchronised only on the last micro-batch.
+    ``max_length``: instances cut to that length (the short phase of the sequence-length schedule).
     """
-    world, steps = settings.world, params.gradient_accumulation_steps
-    sums = [0.0, 0.0, 0.0, 0.0]  # mlm loss × masked tokens, masked tokens, nsp loss, non-padding tokens
+    world, steps, objective = settings.world, params.gradient_accumulation_steps, settings.objective
+    # mlm loss × masked tokens, masked tokens, nsp loss, non-padding tokens, rtd loss × positions, positions
+    sums = [0.0] * 6
     for micro in range(steps):
         indices = dd.rank_share(next_indices(state, batches, params.batch_size, order_cache), world)
-        batch = tr.to_device(batches.batch(indices, mask_seed=f"{params.seed}/{state.step}/{micro}"), world.device)
+        seed = f"{params.seed}/{state.step}/{micro}"
+        batch = tr.to_device(batches.batch(indices, mask_seed=seed, max_length=max_length), world.device)
         sync = micro == steps - 1 or not world.distributed
         with nullcontext() if sync else stepper.no_sync():
             with tr.autocast(settings.bf16, world.device):
-                out = stepper(batch)
-            masked = dd.all_reduce([out.mlm_count], world, mean=False)[0]
-            share = out.mlm_count * world.size / max(masked, 1)
-            ((out.mlm_loss * share + out.nsp_loss) / steps).backward()
+                out = stepper(batch, f"{seed}/{world.rank}")
+            (step_loss(out, objective, world) / steps).backward()
+        rtd = out.rtd_loss.item() * out.rtd_count if out.rtd_loss is not None else 0.0
         sums = [a + b for a, b in zip(sums, (out.mlm_loss.item() * out.mlm_count, out.mlm_count,
-                                             out.nsp_loss.item() / steps, int(batch["attention_mask"].sum())),
-                                        strict=True)]
-    mlm_sum, masked, nsp_sum, tokens = dd.all_reduce(sums, world, mean=False)
-    mlm, nsp = mlm_sum / max(masked, 1), nsp_sum / world.size
-    return (mlm + nsp, mlm, nsp), int(tokens)
+                                             out.nsp_loss.item() / steps, int(batch["attention_mask"].sum()),
+                                             rtd, out.rtd_count), strict=True)]
+    mlm_sum, masked, nsp_sum, tokens, rtd_sum, positions = dd.all_reduce(sums, world, mean=False)
+    mlm, nsp, rtd = mlm_sum / max(masked, 1), nsp_sum / world.size, rtd_sum / max(positions, 1)
+    total = mlm + nsp if not objective.electra else mlm + objective.rtd_weight * rtd
+    return (total, mlm, nsp, rtd), int(tokens)
 
 
 def _evaluate_and_log(model, eval_batches, params, state, eval_log, settings: StepSettings) -> dict:
-    figures = evaluate_pretraining(model, eval_batches, params.eval_instances, params.batch_size, settings.bf16)
+    figures = evaluate_pretraining(model, eval_batches, params.eval_instances, params.batch_size, settings.bf16,
+                                   settings.objective)
+    columns = [name for name in EVAL_FIELDS if name not in ("step", "seconds")]
     eval_log.write(step=state.step, seconds=round(state.seconds, 1),
-                   **{k: figures[k] for k in ("mlm_loss", "mlm_accuracy", "nsp_accuracy")})
+                   **{k: "" if figures.get(k) is None else figures[k] for k in columns})
     if settings.world.main:
         log.info("eval at step %d: %s", state.step, figures)
     return {"step": state.step, **figures}
@@ -209,6 +246,14 @@ def load_data(paths: Paths, tokenizer, params: PretrainParams) -> tuple[Pretrain
         raise InputError(f"{paths.pretrain_data}: built with a tokenizer of {info['vocab_size']} tokens, but "
                          f"{paths.tokenizer} has {len(tokenizer)}; re-run `bertflow pretrain_data`")
     data_params = PretrainDataParams(**info["params"])
+    mismatch = objective_data_error(params.objective, data_params.next_sentence)
+    if mismatch:
+        raise InputError(f"{paths.pretrain_data}: {mismatch} (the shards were built with next_sentence false; "
+                         "re-run `bertflow pretrain_data`)")
+    if params.short_seq_fraction and params.short_seq_length >= data_params.max_seq_length:
+        raise InputError(f"pretrain.short_seq_length is {params.short_seq_length} but the instances are at most "
+                         f"pretrain_data.max_seq_length {data_params.max_seq_length} long: the short phase would cut "
+                         "nothing; make it shorter, or set pretrain.short_seq_fraction: 0")
     dynamic = masking_spec(tokenizer, data_params) if data_params.masking == "dynamic" else None
     train = PretrainBatches(read_shards(paths.pretrain_data / "train"), tokenizer.pad_token_id, dynamic, params.seed)
     heldout = PretrainBatches(read_shards(paths.pretrain_data / "heldout"), tokenizer.pad_token_id, None, params.seed)
@@ -233,17 +278,64 @@ def run(params: PretrainParams, paths: Paths) -> dict:
             tr.metrics_log(paths.reports / "pretrain" / "eval.csv", EVAL_FIELDS, resumed_from, world.main))
     settings = StepSettings.from_params(params, world)
     final_eval = train(model, optimizer, train_batches, eval_batches, params, store, state, logs, settings)
+    trained = objective_details(model, params, info)
     if world.main:
         with atomic_dirs([paths.pretrained]) as (folder,):
-            save_model_folder(model, tokenizer, folder)
+            save_pretrained(model, tokenizer, folder, settings.objective)
+            write_objective(folder, settings.objective, trained)
         store.mark_complete()
     dd.leave_world(world)
     return {"steps": state.step, "epochs": round(state.epoch + state.cursor / len(train_batches), 3),
             "tokens": state.tokens, "seconds": round(state.seconds, 1),
             "tokens_per_second": round(state.tokens / max(state.seconds, 1e-9)), "bf16": settings.bf16,
             "device": str(world.device), "threads": threads, "processes": world.size,
-            "parameters": sum(p.numel() for p in model.parameters()), "resumed_from_step": resumed_from or 0,
+            "parameters": encoder_parameters(model), **trained, **schedule_details(params, state),
+            "resumed_from_step": resumed_from or 0,
             "start": start, "heldout_at_start": state.heldout_at_start, "heldout": final_eval}
+
+
+def schedule_details(params: PretrainParams, state: LoopState) -> dict:
+    """The sequence-length schedule, when on: the short length and how many steps trained at it."""
+    if not params.short_seq_fraction:
+        return {}
+    return {"short_seq": {"length": params.short_seq_length, "fraction": params.short_seq_fraction,
+                          "steps": state.short_steps}}
+
+
+def save_pretrained(model, tokenizer, folder: Path, objective: Objective) -> None:
+    """The pretrained model in the layout later stages load: the ...ForPreTraining model, or with ELECTRA the
+    discriminator as a bare encoder plus ``electra/`` (generator and heads, for evaluate)."""
+    if objective.electra:
+        from bertflow import electra
+
+        electra.save(model, tokenizer, folder, save_model_folder)
+    else:
+        save_model_folder(model, tokenizer, folder)
+
+
+def encoder_parameters(model) -> int:
+    """The parameters of what is saved as the pretrained model (ELECTRA: the discriminator, without its head)."""
+    saved = model.discriminator if hasattr(model, "discriminator") else model
+    return sum(p.numel() for p in saved.parameters())
+
+
+def objective_details(model, params: PretrainParams, info: dict) -> dict:
+    """What reports/pretrain.json and the saved folder's pretraining.json say of the objective: its name, the
+    inputs (pairs or single segments), the heads not trained, and ELECTRA's generator."""
+    details = {"objective": params.objective,
+               "inputs": "pairs" if info["params"].get("next_sentence", True) else "single segments"}
+    if params.objective == "mlm":
+        details["untrained_heads"] = ["nsp_head", "pooler"]
+    if params.objective == "electra":
+        small = model.generator.config
+        trained = sum(p.numel() for name, p in model.named_parameters()  # its encoder, projection and head
+                      if p.requires_grad and not name.startswith(("discriminator.", "rtd_head.")))
+        details["generator"] = {"hidden_size": small.hidden_size, "intermediate_size": small.intermediate_size,
+                                "num_attention_heads": small.num_attention_heads,
+                                "num_hidden_layers": small.num_hidden_layers, "parameters": trained,
+                                "saved_in": "artifacts/pretrained/electra"}
+        details["rtd_weight"] = params.electra.rtd_weight
+    return details
 
 
 def starting_model(params: PretrainParams, tokenizer, max_seq_length: int):
@@ -251,7 +343,10 @@ def starting_model(params: PretrainParams, tokenizer, max_seq_length: int):
     ``pretrain.init`` checkpoint with the heads it lacked initialised from ``seed``."""
     if ck.is_scratch(params.init):
         config = construct_config(params.model, len(tokenizer), tokenizer.pad_token_id, params.architecture)
-        model, start = construct_pretraining_model(config, params.seed, params.attention), {"init": ck.SCRATCH}
+        model, start = construct_model(config, params), {"init": ck.SCRATCH}
+    elif params.objective == "electra":
+        raise InputError(f"pretrain.objective electra starts from random weights only (pretrain.init is "
+                         f"{params.init}); set pretrain.init: scratch, or pretrain.objective: mlm_nsp or mlm")
     else:
         checkpoint = ck.resolve(params.init)
         config = ck.starting_config(checkpoint, params.model, params.architecture)
@@ -261,8 +356,28 @@ def starting_model(params: PretrainParams, tokenizer, max_seq_length: int):
                              "`bertflow tokenizer` (it adopts the checkpoint's)")
         model, heads = ck.load_pretraining_model(checkpoint, config, params.seed, params.attention)
         start = {**checkpoint.describe(), "new_heads": heads}
+        freeze_unused_heads(model, params)
     check_positions(config, max_seq_length, "pretrain.model.max_position_embeddings")
     return model, config, start
+
+
+def construct_model(config, params: PretrainParams):
+    """Random weights from ``seed``: the ...ForPreTraining model, or ELECTRA's discriminator and generator."""
+    if params.objective == "electra":
+        from bertflow import electra
+
+        return electra.construct(config, params.electra.generator_size, params.seed, params.attention)
+    model = construct_pretraining_model(config, params.seed, params.attention)
+    freeze_unused_heads(model, params)
+    return model
+
+
+def freeze_unused_heads(model, params: PretrainParams) -> None:
+    """Without NSP (objective mlm) the NSP head and the pooler beneath it get no gradient: frozen, so the
+    optimizer leaves them as initialised and DistributedDataParallel does not wait for their gradients."""
+    if params.objective == "mlm":
+        for module in (model.cls.seq_relationship, model.bert.pooler):
+            module.requires_grad_(False)
 
 
 def run_fingerprint(params: PretrainParams, config, info: dict, start: dict) -> dict:
@@ -270,6 +385,8 @@ def run_fingerprint(params: PretrainParams, config, info: dict, start: dict) -> 
     logging/checkpointing, nor the device: a checkpoint resumes on another), data."""
     ignore = {"eval_every", "eval_instances", "checkpoint_every_steps", "checkpoint_every_minutes",
               "keep_checkpoints", "log_every", "num_threads", "device"}
+    if params.objective != "electra":
+        ignore = ignore | {"electra"}  # its settings shape only an ELECTRA run
     return {"model": config.to_diff_dict(), "start": start,
             "training": params.model_dump(exclude=ignore | {"model"}), "data": info["figures"]["train"]}
 

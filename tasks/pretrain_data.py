@@ -1,4 +1,5 @@
-"""Stage pretrain_data: NSP sentence pairs and MLM masks, with create_pretraining_data.py's semantics.
+"""Stage pretrain_data: NSP sentence pairs (or single segments) and MLM masks, with create_pretraining_data.py's
+semantics.
 
 Reads: ``data/corpus/{train,heldout}.parquet`` and ``artifacts/tokenizer``.
 Writes: ``data/pretrain/{train,heldout}/shard-*.arrow`` (Arrow IPC streams, loadable with
@@ -7,10 +8,12 @@ Run: ``bertflow pretrain_data``.
 
 Each instance is ``[CLS] A [SEP] B [SEP]`` with segment ids; B is A's true continuation half of
 the time, otherwise text from a different document (``next_sentence_label`` 0 = continuation,
-1 = random, as in transformers). ``mask_tokens`` is the one masking function: this stage uses it
-for static masks (train with ``masking: static``, held-out always) and the training collator for
-dynamic ones. Work is cut into units of about ``shard_tokens`` source tokens per dupe, each with
-its own seed derived from ``random_seed``, so the output does not depend on ``num_proc``.
+1 = random, as in transformers). With ``next_sentence: false`` each instance is ``[CLS] text [SEP]``: a
+document's contiguous sentences packed up to ``max_seq_length`` (segment 0, ``next_sentence_label`` 0 and
+meaningless), for the objectives without NSP (``pretrain.objective: mlm | electra``). ``mask_tokens`` is the
+one masking function: this stage uses it for static masks (train with ``masking: static``, held-out always)
+and the training collator for dynamic ones. Work is cut into units of about ``shard_tokens`` source tokens
+per dupe, each with its own seed derived from ``random_seed``, so the output does not depend on ``num_proc``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import pyarrow as pa
 
 from bertflow.io import InputError, atomic_dirs, read_column, write_json
 from bertflow.masking import MaskingSpec, mask_tokens, masking_spec
-from bertflow.pairs import Instance, PairSpec, create_instances_from_document
+from bertflow.pairs import Instance, PairSpec, create_instances_from_document, create_segments_from_document
 from bertflow.params import PretrainDataParams
 from bertflow.paths import Paths
 from bertflow.tokenization import Document, load_tokenizer, tokenize_documents
@@ -78,11 +81,15 @@ def plan_units(documents: Sequence[Document], split: str, dupe_factor: int, shar
 
 
 def build_unit(unit: Unit, documents: Sequence[Document], pairs: PairSpec, masking: MaskingSpec,
-               seed: int) -> tuple[pa.Table, Counter]:
-    """All instances of one unit, shuffled, masked; returns the table and its counts."""
+               seed: int, next_sentence: bool = True) -> tuple[pa.Table, Counter]:
+    """All instances of one unit (pairs, or single segments), shuffled, masked; returns the table and its counts."""
     rng = random.Random(f"{seed}/{unit.split}/{unit.dupe}/{unit.chunk}")
-    instances = [inst for index in range(unit.start, unit.stop)
-                 for inst in create_instances_from_document(documents, index, pairs, rng)]
+    if next_sentence:
+        instances = [inst for index in range(unit.start, unit.stop)
+                     for inst in create_instances_from_document(documents, index, pairs, rng)]
+    else:
+        instances = [inst for index in range(unit.start, unit.stop)
+                     for inst in create_segments_from_document(documents[index], pairs, rng)]
     rng.shuffle(instances)
     columns: dict[str, list] = {name: [] for name in SCHEMA.names}
     counts: Counter = Counter()
@@ -123,7 +130,8 @@ _WORK: dict = {}
 
 def _run_unit(unit: Unit) -> tuple[str, Counter]:
     documents = _WORK["documents"][unit.split]
-    table, counts = build_unit(unit, documents, _WORK["pairs"], _WORK["masking"], _WORK["seed"])
+    table, counts = build_unit(unit, documents, _WORK["pairs"], _WORK["masking"], _WORK["seed"],
+                               _WORK["next_sentence"])
     write_table(_WORK["out"] / unit.split / unit.name, table)
     return f"{unit.split}/{unit.name}", counts
 
@@ -145,12 +153,13 @@ def merge_counts(parts: list[Counter]) -> Counter:
     return total
 
 
-def summarize(counts: Counter, max_seq_length: int) -> dict:
+def summarize(counts: Counter, max_seq_length: int, next_sentence: bool = True) -> dict:
     masked = max(counts["masked"], 1)
     return {
         "instances": counts["instances"],
         "tokens": counts["tokens"],
-        "nsp_positive_rate": round(1 - counts["random_next"] / max(counts["instances"], 1), 4),
+        "nsp_positive_rate": round(1 - counts["random_next"] / max(counts["instances"], 1), 4) if next_sentence
+        else None,
         "masked_rate": round(counts["masked"] / max(counts["maskable"], 1), 4),
         "masked_split": {kind: round(counts[f"as_{kind}"] / masked, 4) for kind in ("mask", "random", "self")},
         "masked_special_tokens": counts["masked_special"],
@@ -194,7 +203,7 @@ def run(params: PretrainDataParams, paths: Paths) -> dict:
     source_bytes = sum(len(s.encode("utf-8")) for docs in texts.values() for doc in docs for s in doc)
     documents = {split: tokenize_documents(tokenizer, docs) for split, docs in texts.items()}
     for split, docs in documents.items():
-        if len(docs) < 2:
+        if len(docs) < 2 and params.next_sentence:
             raise InputError(f"{paths.corpus / split}.parquet: {len(docs)} non-empty documents; "
                              "next-sentence pairs need at least 2")
     tokenize_seconds = time.perf_counter() - started
@@ -205,6 +214,7 @@ def run(params: PretrainDataParams, paths: Paths) -> dict:
         for split in documents:
             (out / split).mkdir()
         _WORK.update(documents=documents, out=out, seed=params.random_seed, masking=masking_spec(tokenizer, params),
+                     next_sentence=params.next_sentence,
                      pairs=PairSpec(tokenizer.cls_token_id, tokenizer.sep_token_id, params.max_seq_length,
                                     params.short_seq_prob))
         try:
@@ -225,9 +235,10 @@ def _figures(results, params: PretrainDataParams, source_bytes: int, tokenize_se
     seconds = time.perf_counter() - started
     return {
         "masking": params.masking,
+        "segments": "pairs" if params.next_sentence else "single",
         "random_seed": params.random_seed,
-        "train": summarize(by_split["train"], params.max_seq_length),
-        "heldout": summarize(by_split["heldout"], params.max_seq_length),
+        "train": summarize(by_split["train"], params.max_seq_length, params.next_sentence),
+        "heldout": summarize(by_split["heldout"], params.max_seq_length, params.next_sentence),
         "shards": len(results),
         "source_mb": round(source_bytes / 1e6, 2),
         "tokenize_seconds": round(tokenize_seconds, 2),

@@ -159,19 +159,45 @@ def pretraining_section(reports: dict, params: Params, paths: Paths) -> str:
     model = params.pretrain.model
     held = reports.get("evaluate", {}).get("pretrained_heldout", pretrain.get("heldout", {}))
     body = cards([("parameters", pretrain.get("parameters", "–")), ("steps", pretrain.get("steps", "–")),
-                  ("tokens/s", pretrain.get("tokens_per_second", "–")),
-                  ("held-out MLM accuracy", held.get("mlm_accuracy", "–")),
-                  ("held-out NSP accuracy", held.get("nsp_accuracy", "–"))])
+                  ("tokens/s", pretrain.get("tokens_per_second", "–")), *heldout_cards(held)])
     body += (f"<p>{esc(family(params.pretrain.architecture))} L{model.num_hidden_layers}/H{model.hidden_size}/"
-             f"A{model.num_attention_heads}, "
+             f"A{model.num_attention_heads}, {esc(objective_text(pretrain))}, "
              f"{started_from(pretrain)}, {number(pretrain.get('tokens', '–'))} tokens in "
              f"{number(pretrain.get('seconds', '–'))} s on {where(pretrain)} (bf16 {esc(pretrain.get('bf16', '?'))})."
              f"{bought(pretrain)}</p>")
-    body += chart_or_note(curve(paths.reports / "pretrain" / "train.csv", "step", ["loss", "mlm_loss", "nsp_loss"]),
+    body += chart_or_note(curve(paths.reports / "pretrain" / "train.csv", "step",
+                                ["loss", "mlm_loss", "nsp_loss", "rtd_loss"]),
                           "step", "loss", "pretraining loss", "reports/pretrain/train.csv")
-    body += chart_or_note(curve(paths.reports / "pretrain" / "eval.csv", "step", ["mlm_accuracy", "nsp_accuracy"]),
-                          "step", "accuracy", "held-out MLM and NSP accuracy", "reports/pretrain/eval.csv")
+    body += chart_or_note(curve(paths.reports / "pretrain" / "eval.csv", "step",
+                                ["mlm_accuracy", "nsp_accuracy", "rtd_accuracy", "rtd_auc"]),
+                          "step", "accuracy", "held-out accuracy", "reports/pretrain/eval.csv")
     return body
+
+
+OBJECTIVES = {"mlm_nsp": "masked LM + next-sentence prediction", "mlm": "masked LM alone (no NSP)",
+              "electra": "ELECTRA replaced-token detection"}
+
+
+def objective_text(pretrain: dict) -> str:
+    """The objective in words, with its inputs and, for ELECTRA, the generator's size."""
+    objective = pretrain.get("objective", "mlm_nsp")
+    text = f"objective {objective} ({OBJECTIVES.get(objective, objective)}) on {pretrain.get('inputs', 'pairs')}"
+    generator = pretrain.get("generator")
+    if generator:
+        text += (f", generator H{generator['hidden_size']}/A{generator['num_attention_heads']}, "
+                 f"RTD loss weight {pretrain.get('rtd_weight')}")
+    return text
+
+
+def heldout_cards(held: dict) -> list[tuple[str, object]]:
+    """The held-out figures the objective has: MLM (ELECTRA: the generator's), NSP, replaced-token detection."""
+    mlm = "held-out generator MLM accuracy" if held.get("mlm_of") == "generator" else "held-out MLM accuracy"
+    found = [(mlm, held.get("mlm_accuracy", "–"))]
+    if "rtd_accuracy" in held:
+        found += [("held-out RTD accuracy", held["rtd_accuracy"]), ("held-out RTD ROC-AUC", held.get("rtd_auc", "–"))]
+    else:
+        found.append(("held-out NSP accuracy", held.get("nsp_accuracy", "–")))
+    return found
 
 
 def finetuning_section(reports: dict, paths: Paths) -> str:

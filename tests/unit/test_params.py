@@ -32,6 +32,13 @@ def test_default_params_files_are_valid():
      "give at most one of max_steps and budget_minutes"),
     (lambda p: p["pretrain"].update(max_steps=None, budget_minutes=None), "pretrain",
      "give exactly one of max_steps and budget_minutes"),
+    (lambda p: p["pretrain"].update(objective="roberta"), "pretrain.objective", "'mlm_nsp', 'mlm' or 'electra'"),
+    (lambda p: p["pretrain_data"].update(next_sentence=False), "pretrain.objective",
+     "mlm_nsp trains next-sentence prediction but pretrain_data.next_sentence is false"),
+    (lambda p: p["pretrain"].update(objective="electra", electra={"generator_size": 0.9},
+                                    model={**p["pretrain"]["model"], "num_attention_heads": 4}), "pretrain",
+     "electra.generator_size 0.9 gives a generator of hidden_size 29 and 4 heads, which do not divide it"),
+    (lambda p: p["pretrain"].update(electra={"rtd_weight": 0}), "pretrain.electra.rtd_weight", "greater than 0"),
 ])
 def test_bad_params_name_the_key(tiny, edit, key, expected):
     params, folder = tiny
