@@ -67,7 +67,7 @@ def load_classifier(path: Path, labels: list[str] | None = None, dropout: float 
         extra["classifier_dropout"] = dropout
     if encoder_dropout is not None:
         extra.update(hidden_dropout_prob=encoder_dropout, attention_probs_dropout_prob=encoder_dropout)
-    config.update(extra)  # on the config, not as keyword arguments: MegatronBert's has no classifier_dropout
+    config.update(extra)  # on the config, not as from_pretrained keywords: MegatronBert has no classifier_dropout
     if random_init:
         return AutoModelForSequenceClassification.from_config(config)
     verbosity = hf_logging.get_verbosity()
@@ -81,6 +81,10 @@ def load_classifier(path: Path, labels: list[str] | None = None, dropout: float 
 
 @dataclass
 class PretrainingOutput:
+    """One batch's losses and counts; the figures an objective lacks stay zero (NSP without pairs, RTD
+    without ELECTRA). ``rtd_scores``/``rtd_labels``: the discriminator's logits and the replaced flags at every
+    scored position, for the held-out ROC-AUC."""
+
     loss: torch.Tensor
     mlm_loss: torch.Tensor
     nsp_loss: torch.Tensor
@@ -88,6 +92,11 @@ class PretrainingOutput:
     mlm_count: int
     nsp_correct: int
     nsp_count: int
+    rtd_loss: torch.Tensor | None = None
+    rtd_correct: int = 0
+    rtd_count: int = 0
+    rtd_scores: torch.Tensor | None = None
+    rtd_labels: torch.Tensor | None = None
 
 
 def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,12 +115,13 @@ def compiled_masked_lm_loss():
 
 
 def pretraining_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor],
-                     mlm_loss=masked_lm_loss) -> PretrainingOutput:
-    """MLM cross-entropy (on the masked positions only) + NSP cross-entropy.
+                     mlm_loss=masked_lm_loss, nsp: bool = True) -> PretrainingOutput:
+    """MLM cross-entropy (on the masked positions only) + NSP cross-entropy (``nsp``: objective mlm_nsp).
 
     Same value as ``BertForPreTraining``'s (or ``MegatronBertForPreTraining``'s) own loss, without
     projecting the unmasked positions onto the vocabulary: that projection is most of a small model's
-    compute. ``mlm_loss`` is ``masked_lm_loss`` or its compiled form.
+    compute. ``mlm_loss`` is ``masked_lm_loss`` or its compiled form. Without ``nsp`` (objective mlm) the
+    NSP head is not run and the loss is the MLM loss alone.
     """
     hidden, pooled = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 token_type_ids=batch["token_type_ids"], return_dict=False)[:2]
@@ -119,6 +129,10 @@ def pretraining_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor],
     selected = labels != -100
     targets = labels[selected]
     mlm, mlm_correct = mlm_loss(model.cls.predictions(hidden[selected]), targets)
+    if not nsp:
+        return PretrainingOutput(loss=mlm, mlm_loss=mlm, nsp_loss=torch.zeros((), device=mlm.device),
+                                 mlm_correct=int(mlm_correct), mlm_count=int(targets.numel()), nsp_correct=0,
+                                 nsp_count=0)
     nsp_logits = model.cls.seq_relationship(pooled)
     nsp_loss = F.cross_entropy(nsp_logits.float(), batch["next_sentence_label"])
     return PretrainingOutput(
