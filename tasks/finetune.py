@@ -240,11 +240,15 @@ def planned_runs(params: FinetuneParams) -> list[PlannedRun]:
             for k in range(params.seeds) for kind in kinds]
 
 
+def seeds_of(runs: list[PlannedRun]) -> list[int]:
+    """The fine-tuning seeds of the planned runs, first seed first."""
+    return [planned.seed for planned in runs if planned.kind == "pretrained"]
+
+
 def save_models(paths: Paths, params: FinetuneParams, runs: list[PlannedRun], models: dict, figures: dict,
                 labels: list[str], tokenizer) -> None:
     """The first seed's classifier (with its card) and random-init twin, every further seed's models under
     ``ablation/seeds/``, and ``ablation.json`` saying what is there; all or nothing."""
-    first = params.seed
     with atomic_dirs([paths.classifier, paths.ablation]) as (classifier_dir, ablation_dir):
         for planned in runs:
             if planned.name == "pretrained":
@@ -258,7 +262,7 @@ def save_models(paths: Paths, params: FinetuneParams, runs: list[PlannedRun], mo
             labels, figures["pretrained"], params.model_dump(mode="json"),
             models["pretrained"].config.to_dict()), encoding="utf-8")
         write_json(ablation_dir / "ablation.json", {"random_init": params.random_init_ablation,
-                                                    "seeds": [first + k for k in range(params.seeds)]})
+                                                    "seeds": seeds_of(runs)})
 
 
 def run(params: FinetuneParams, paths: Paths) -> dict:
@@ -280,5 +284,5 @@ def run(params: FinetuneParams, paths: Paths) -> dict:
             store.mark_complete()
     dd.leave_world(world)
     return {"init": str(params.init), "labels": labels, "processes": world.size, "device": str(world.device),
-            "seeds": [planned.seed for planned in runs if planned.kind == "pretrained"], **figures}
+            "seeds": seeds_of(runs), **figures}
 
