@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,9 @@ from benchmarks.common import RESULTS, machine, machine_line  # noqa: E402
 from bertflow.paths import Paths  # noqa: E402
 
 RECIPES = REPO / "benchmarks" / "pretraining_sweep.json"
-PROBE = {"finetune.budget_minutes": 5.0, "finetune.max_steps": None}  # about 0.8 epoch of SST-2 on 2 cores
+# The probe: 1,650 steps, what 5 minutes give on an idle 2-core machine (an SST-2 epoch, 1,894 steps, takes
+# ~345 s), counted in steps rather than minutes so that a busy machine slows the probe without changing it.
+PROBE = {"finetune.budget_minutes": None, "finetune.max_steps": 1650}
 INPUTS = ("data/corpus", "data/labeled", "artifacts/tokenizer")
 PRETRAIN_DATA = "data/pretrain"
 ABLATION_KEYS = ("pretrain.architecture", "pretrain.model", "finetune", "ingest", "tokenizer")
@@ -136,7 +139,9 @@ def prepare_project(project: Path, profile_file: Path) -> None:
     if project != REPO or profile_file.resolve() != (REPO / "params.yaml").resolve():
         raise SystemExit(f"{project}: no {PRETRAIN_DATA}; build the profile's data there first (`bertflow --params "
                          f"{profile_file} --root {project} ingest`, then tokenizer and pretrain_data)")
-    subprocess.run(["dvc", "repro", "pretrain_data"], cwd=REPO, check=True)
+    scripts = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # dvc.yaml's `bertflow`
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "pretrain_data"], cwd=REPO, check=True,
+                   env={**os.environ, "PATH": scripts})
 
 
 def link(project: Path, root: Path, paths: tuple[str, ...]) -> None:
@@ -163,6 +168,7 @@ def run_recipe(name: str, params: dict, profile: dict, project: Path, work: Path
         seconds["pretrain_data"] = bertflow("pretrain_data", params_file, root)
     for stage in ("pretrain", "finetune"):
         seconds[stage] = bertflow(stage, params_file, root)
+        seconds[f"load_after_{stage}"] = [round(load, 2) for load in os.getloadavg()]  # 2.0: the sweep alone
     if twins:
         copy_twins(shared, Paths(root).ablation)
     else:
