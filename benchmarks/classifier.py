@@ -35,11 +35,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, machine_line, write_results  # noqa: E402
+from benchmarks.common import ensure_output, machine, machine_line, write_results  # noqa: E402
 from bertflow import distributed as dd  # noqa: E402
 from bertflow import training as tr  # noqa: E402
 from bertflow.classification import encode, read_split  # noqa: E402
-from bertflow.io import InputError, read_json  # noqa: E402
+from bertflow.io import read_json  # noqa: E402
 from bertflow.model import construct_config, load_classifier  # noqa: E402
 from bertflow.params import FinetuneParams, load_params  # noqa: E402
 from bertflow.paths import Paths  # noqa: E402
@@ -56,8 +56,7 @@ def classifier_folder(paths: Paths, params_file: Path, scratch: Path) -> tuple[P
     """``artifacts/classifier`` if the pipeline made one, else the profile's architecture at random."""
     if (paths.classifier / "config.json").is_file():
         return paths.classifier, "artifacts/classifier"
-    if not (paths.labeled / "labels.json").is_file():
-        raise InputError(f"{paths.labeled}: no labeled data; run `dvc repro ingest` first")
+    ensure_output("tokenizer", paths.tokenizer, paths.root)  # and ingest's labeled data before it
     labels = read_json(paths.labeled / "labels.json")["labels"]
     folder = random_classifier(load_tokenizer(paths.tokenizer), labels, params_file, scratch / "classifier")
     return folder, "the profile's architecture, random weights (no artifacts/classifier yet)"

@@ -1,10 +1,13 @@
-"""What every benchmark shares: the machine it ran on, and writing ``benchmarks/results/<name>.{json,md}``."""
+"""What every benchmark shares: the machine it ran on, the project's outputs it needs (built through DVC when
+missing), and writing ``benchmarks/results/<name>.{json,md}``."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +35,19 @@ def machine() -> dict:
 def machine_line(m: dict) -> str:
     return (f"{m['cpu']}, {m['cpus']} CPUs ({m['torch_threads']} torch threads), torch {m['torch']}, "
             f"Python {m['python']}, {m['date']}")
+
+
+def ensure_output(stage: str, output: Path, root: Path = REPO) -> None:
+    """``output`` of the project at ``root``, made by ``dvc repro <stage>`` when it is missing: a fresh clone's
+    ``make bench`` builds what it measures, and through DVC nothing is built twice (up-to-date stages are
+    skipped, dvc.lock records what was built). dvc.yaml calls ``bertflow``: this interpreter's scripts go on
+    PATH, so the runner need not be started from an activated virtual environment."""
+    if output.exists():
+        return
+    print(f"== {output} is missing: dvc repro {stage}", flush=True)
+    scripts = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    subprocess.run([sys.executable, "-m", "dvc", "repro", stage], cwd=root, check=True,
+                   env={**os.environ, "PATH": scripts})
 
 
 def write_results(name: str, result: dict, markdown: str) -> None:

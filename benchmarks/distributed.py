@@ -29,7 +29,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, machine_line, write_results  # noqa: E402
+from benchmarks.common import ensure_output, machine, machine_line, write_results  # noqa: E402
 from bertflow.params import write_params_copy  # noqa: E402
 
 BIGGER_NODE = ("# a node with 8 GPUs: in params.yaml (device auto: rank r on cuda:r, nccl between them)\n"
@@ -80,8 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    if not (REPO / "data" / "pretrain" / "info.json").is_file():
-        raise SystemExit("data/pretrain is missing: run `dvc repro pretrain_data` first")
+    ensure_output("pretrain_data", REPO / "data" / "pretrain" / "info.json")
     totals: dict[int, dict] = {1: {"tokens": 0, "seconds": 0.0}, args.processes: {"tokens": 0, "seconds": 0.0}}
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         for _ in range(args.rounds):

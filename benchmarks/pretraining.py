@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, machine_line, write_results  # noqa: E402
+from benchmarks.common import ensure_output, machine, machine_line, write_results  # noqa: E402
 from bertflow import training as tr  # noqa: E402
 from bertflow.model import (  # noqa: E402
     compiled_masked_lm_loss,
@@ -288,14 +288,13 @@ def main() -> None:
 
 def pretraining_examples(paths: Paths):
     """The default profile's training instances with its masking, and the project's vocabulary size."""
-    from bertflow.io import InputError, read_json
+    from bertflow.io import read_json
     from bertflow.masking import masking_spec
     from bertflow.params import PretrainDataParams
     from bertflow.pretraining import PretrainBatches, read_shards
     from bertflow.tokenization import load_tokenizer
 
-    if not (paths.pretrain_data / "info.json").is_file():
-        raise InputError(f"{paths.pretrain_data}: no pretraining data; run `dvc repro pretrain_data` first")
+    ensure_output("pretrain_data", paths.pretrain_data / "info.json", paths.root)
     tokenizer = load_tokenizer(paths.tokenizer)
     info = read_json(paths.pretrain_data / "info.json")
     spec = masking_spec(tokenizer, PretrainDataParams(**info["params"]))

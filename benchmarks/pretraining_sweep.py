@@ -41,7 +41,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RESULTS, machine, machine_line  # noqa: E402
+from benchmarks.common import RESULTS, ensure_output, machine, machine_line  # noqa: E402
 from bertflow.paths import Paths  # noqa: E402
 
 RECIPES = REPO / "benchmarks" / "pretraining_sweep.json"
@@ -139,9 +139,7 @@ def prepare_project(project: Path, profile_file: Path) -> None:
     if project != REPO or profile_file.resolve() != (REPO / "params.yaml").resolve():
         raise SystemExit(f"{project}: no {PRETRAIN_DATA}; build the profile's data there first (`bertflow --params "
                          f"{profile_file} --root {project} ingest`, then tokenizer and pretrain_data)")
-    scripts = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # dvc.yaml's `bertflow`
-    subprocess.run([sys.executable, "-m", "dvc", "repro", "pretrain_data"], cwd=REPO, check=True,
-                   env={**os.environ, "PATH": scripts})
+    ensure_output("pretrain_data", project / PRETRAIN_DATA)
 
 
 def link(project: Path, root: Path, paths: tuple[str, ...]) -> None:

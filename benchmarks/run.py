@@ -12,7 +12,11 @@ table) and puts the headline table into README.md between its ``benchmarks`` mar
 
     make bench        # or: python benchmarks/run.py [--skip data_stages,...]
 
-Needs the default profile's outputs (``make run``, or ``dvc repro optimize``); about 30 minutes on 2 CPU cores.
+Measures the default profile's outputs. What a benchmark needs and the project lacks (a fresh clone) it
+builds first through DVC (``benchmarks.common.ensure_output``: ``dvc repro pretrain_data`` for pretraining
+and DDP, ``dvc repro optimize`` for the variants, i.e. the pipeline up to optimize, about 90 minutes on 2
+cores); what ``make run`` or ``dvc repro`` already built is used as it is. The benchmarks themselves take
+about 30 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, machine_line, write_results  # noqa: E402
+from benchmarks.common import ensure_output, machine, machine_line, write_results  # noqa: E402
 from bertflow import training as tr  # noqa: E402
 from bertflow.classification import read_split  # noqa: E402
-from bertflow.io import InputError, read_json  # noqa: E402
+from bertflow.io import read_json  # noqa: E402
 from bertflow.params import OptimizeParams  # noqa: E402
 from bertflow.paths import Paths  # noqa: E402
 from bertflow.serving import open_model  # noqa: E402
@@ -51,8 +51,7 @@ class PipelineSide:
 
 
 def sides(paths: Paths, threads: int) -> dict:
-    if not paths.optimized.is_dir():
-        raise InputError(f"{paths.optimized}: no variants; run `bertflow optimize` (or `dvc repro optimize`) first")
+    ensure_output("optimize", paths.optimized, paths.root)
     found = {REFERENCE: PipelineSide(paths.classifier), "fp32": open_model(paths.classifier, threads)}
     for folder in sorted(p for p in paths.optimized.iterdir() if p.is_dir()):
         found[folder.name] = open_model(folder, threads)
