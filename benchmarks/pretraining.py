@@ -1,4 +1,9 @@
-"""Pretraining throughput: bertflow's pretrain step against the reference loop, with the machine's matmul peak.
+"""Pretraining throughput: bertflow's pretrain step against transformers.Trainer and a plain reference loop,
+with the machine's matmul peak.
+
+transformers.Trainer (``benchmarks/trainer_side.py``): ``BertForPreTraining`` with its own loss, driven by
+``Trainer.train()`` with every built-in speed option that applies on a CPU (bf16, fused AdamW,
+torch.compile, length-grouped sampling, eager attention, in-process loading), on the same batches.
 
 Reference: transformers' ``BertForPreTraining`` with its own loss (MLM logits over the full
 vocabulary at every position), stock attention (SDPA), fp32, plain AdamW, a plain PyTorch loop
@@ -21,7 +26,7 @@ With vocabulary 30522 the token ids are the project's (all below 16384): the com
 Reads: ``data/pretrain`` and ``artifacts/tokenizer`` (run ``make run`` or ``dvc repro pretrain_data``).
 Writes: ``benchmarks/results/pretraining.{json,md}``.
 
-    python benchmarks/pretraining.py [--rounds 12] [--steps 1] [--warmup 2] [--batch-size 64]
+    python benchmarks/pretraining.py [--rounds 12] [--steps 1] [--warmup 2] [--batch-size 64] [--no-trainer]
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import ensure_output, machine, machine_line, write_results  # noqa: E402
+from benchmarks.trainer_side import TrainerSide  # noqa: E402
 from bertflow import training as tr  # noqa: E402
 from bertflow.model import (  # noqa: E402
     compiled_masked_lm_loss,
@@ -171,16 +177,19 @@ class Side:
             self.masked += int((batch["labels"] != -100).sum())
             self.sequences += batch["input_ids"].shape[0]
 
-    def figures(self, peaks: dict) -> dict:
-        mean_length = self.padded / self.sequences
-        flops = model_flops_per_token(self.model, mean_length, self.masked / self.tokens) * self.tokens
-        gflops = flops / self.seconds / 1e9
-        return {"tokens_per_second": round(self.tokens / self.seconds),
-                "sequences_per_second": round(self.sequences / self.seconds, 2),
-                "padding_fraction": round(1 - self.tokens / self.padded, 3),
-                "model_gflops_per_second": round(gflops, 1),
-                "mfu_vs_bf16_peak": round(gflops / peaks["bf16"], 3),
-                "mfu_vs_fp32_peak": round(gflops / peaks["fp32"], 3)}
+
+def side_figures(side, peaks: dict) -> dict:
+    """Throughput and MFU of a side (a ``Side`` or the ``TrainerSide``: model, tokens, padded, masked, sequences,
+    seconds)."""
+    mean_length = side.padded / side.sequences
+    flops = model_flops_per_token(side.model, mean_length, side.masked / side.tokens) * side.tokens
+    gflops = flops / side.seconds / 1e9
+    return {"tokens_per_second": round(side.tokens / side.seconds),
+            "sequences_per_second": round(side.sequences / side.seconds, 2),
+            "padding_fraction": round(1 - side.tokens / side.padded, 3),
+            "model_gflops_per_second": round(gflops, 1),
+            "mfu_vs_bf16_peak": round(gflops / peaks["bf16"], 3),
+            "mfu_vs_fp32_peak": round(gflops / peaks["fp32"], 3)}
 
 
 def model_flops_per_token(model, mean_length: float, masked_fraction: float) -> float:
@@ -201,17 +210,33 @@ def measure(name: str, vocab: int, batches, args, peaks: dict) -> dict:
     for side in sides:
         for _ in range(args.warmup):
             side.step(measure=False)
-    for round_ in range(args.rounds):  # interleaved, every other round in reverse: no side always goes first
-        for side in sides if round_ % 2 == 0 else sides[::-1]:
-            for _ in range(args.steps):
-                side.step(measure=True)
+    measured = list(sides)
+    if args.no_trainer:
+        for round_ in range(args.rounds):
+            run_round(sides, round_, args.steps)
+    else:  # the Trainer's own loop drives the rounds; the other sides step inside it
+        trainer = TrainerSide(build_model(name, vocab, "eager"), batches.lengths,
+                              lambda indices: batches.batch(indices, mask_seed=f"bench/{indices[0]}"),
+                              args.batch_size, 1e-4, bertflow.bf16, args.trainer_warmup)
+        trainer.run(args.rounds, args.steps, lambda round_: run_round(sides, round_, args.steps))
+        measured.append(trainer)
     row = {"config": name, "vocab_size": vocab, "batch_size": args.batch_size, "bf16": bertflow.bf16,
-           **{side.name: side.figures(peaks) for side in sides}}
+           **{side.name: side_figures(side, peaks) for side in measured}}
     row["speedup"] = round(row["bertflow"]["tokens_per_second"] / row["reference"]["tokens_per_second"], 2)
+    if not args.no_trainer:
+        row["vs_trainer"] = round(row["bertflow"]["tokens_per_second"] / row[TrainerSide.name]["tokens_per_second"], 2)
     if (name, vocab) == ABLATED:
         row["profile"] = profile_step(sides[1], args.profile_ops)
     print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
     return row
+
+
+def run_round(sides: list[Side], round_: int, steps: int) -> None:
+    """One interleaved round: every side's ``steps`` steps, in reverse order every other round (no side always
+    goes first; with the Trainer, it goes last in even rounds and first in odd ones)."""
+    for side in sides if round_ % 2 == 0 else sides[::-1]:
+        for _ in range(steps):
+            side.step(measure=True)
 
 
 def profile_step(side: Side, top: int, steps: int = 4) -> list[dict]:
@@ -240,15 +265,19 @@ def markdown(result: dict) -> str:
              f"same run). Batch {result['args']['batch_size']}, sequence ≤ 128; tokens = non-padding tokens; "
              f"steady state ({result['args']['rounds']} interleaved rounds × {result['args']['steps']} steps per side "
              f"after {result['args']['warmup']} warm-up steps).", "",
-             "| config | vocab | reference tokens/s | bertflow tokens/s | speed-up | bertflow sequences/s | "
-             "reference MFU (fp32 peak) | bertflow MFU (bf16 peak) | bertflow padding |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| config | vocab | reference tokens/s | Trainer tokens/s | bertflow tokens/s | vs reference | "
+             "vs Trainer | bertflow sequences/s | MFU reference (fp32 peak) / Trainer / bertflow (bf16 peak) | "
+             "padding bertflow (Trainer, reference) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ref, ours = r["reference"], r["bertflow"]
+        trainer = r.get(TrainerSide.name, {})
         lines.append(f"| {r['config']} | {r['vocab_size']} | {ref['tokens_per_second']:,} | "
-                     f"{ours['tokens_per_second']:,} | {r['speedup']}× | {ours['sequences_per_second']} | "
-                     f"{ref['mfu_vs_fp32_peak']:.1%} | {ours['mfu_vs_bf16_peak']:.1%} | "
-                     f"{ours['padding_fraction']:.1%} (reference {ref['padding_fraction']:.1%}) |")
+                     f"{trainer.get('tokens_per_second', '–'):,} | {ours['tokens_per_second']:,} | {r['speedup']}× | "
+                     f"{r.get('vs_trainer', '–')}× | {ours['sequences_per_second']} | "
+                     f"{ref['mfu_vs_fp32_peak']:.1%} / {trainer.get('mfu_vs_bf16_peak', float('nan')):.1%} / "
+                     f"{ours['mfu_vs_bf16_peak']:.1%} | {ours['padding_fraction']:.1%} "
+                     f"({trainer.get('padding_fraction', float('nan')):.1%}, {ref['padding_fraction']:.1%}) |")
     ablated = [r for r in result["rows"] if "profile" in r]
     for r in ablated:
         lines += ["", f"## What each technique buys ({r['config']}, vocabulary {r['vocab_size']}, same rounds)", "",
@@ -273,6 +302,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile-ops", type=int, default=12, help="top ops shown from the profiled step")
     parser.add_argument("--no-ablation", action="store_true", help="skip the one-technique-less sides")
+    parser.add_argument("--no-trainer", action="store_true", help="skip the transformers.Trainer side")
+    parser.add_argument("--trainer-warmup", type=int, default=6,
+                        help="unmeasured Trainer steps (torch.compile compiles, then recompiles for dynamic shapes)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     args = parser.parse_args()
     tr.set_threads(args.threads)
