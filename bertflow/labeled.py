@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bertflow.io import InputError
 from bertflow.params import LabeledParams
-from bertflow.sources import decode, iter_jsonl, read_bytes
+from bertflow.sources import iter_jsonl, read_text
 from bertflow.text import clean_text
 
 BAD_ROW_REASONS = ("empty_text", "missing_label", "unseen_label")
@@ -41,7 +41,7 @@ def detect_format(path: Path, declared: str) -> str:
 
 def read_rows(path: Path, params: LabeledParams) -> list[Row]:
     """All rows of one labeled file, texts cleaned; missing columns are an error naming the file."""
-    text = decode(path, read_bytes(path), on_error="fail")
+    text = read_text(path)
     fmt = detect_format(path, params.format)
     rows = _jsonl_rows(path, text, params) if fmt == "jsonl" else _delimited_rows(path, text, fmt, params)
     return rows[: params.max_rows] if params.max_rows else rows
@@ -82,7 +82,7 @@ def _cell(record: list[str], index: int) -> str:
 
 def _jsonl_rows(path: Path, text: str, params: LabeledParams) -> list[Row]:
     rows = []
-    for number, record in iter_jsonl(path, text):
+    for number, record in iter_jsonl(path, text.split("\n")):
         if number == 1 and params.text_column not in record:
             raise InputError(f"{path}: no field '{params.text_column}' (ingest.labeled.text_column); "
                              f"the first record has {sorted(record)}")

@@ -61,6 +61,8 @@ class CorpusParams(Section):
     heldout_fraction: float = Field(0.02, gt=0, lt=1)
     on_decode_error: Literal["fail", "skip", "replace"] = "fail"
     max_documents: int | None = Field(None, ge=2, description="stop after this many documents (tiny profiles)")
+    batch_documents: int = Field(10_000, ge=1, description="documents held per split before they are written "
+                                 "(a parquet row group): with one source document, what bounds ingest's memory")
 
 
 class LabeledParams(Section):

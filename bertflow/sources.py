@@ -1,20 +1,25 @@
 """Reading pretraining sources: local files/folders (.txt, .md, .jsonl, optionally .gz/.xz/.zst) and hf: ids.
 
 Reads the files named in ``ingest.corpus.sources``; writes nothing. Yields raw documents (not yet
-cleaned) and a fingerprint per source. Every failure is an ``InputError`` naming the file and,
+cleaned) and a fingerprint per source. Everything streams: a file is read line by line through its
+decompressor, so memory holds one document (one block of lines, one jsonl record, or, with
+``document_boundary: file``, one file), never a whole source. Every failure is an ``InputError`` naming the file and,
 where it applies, the line or byte offset.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from bertflow.io import InputError
 from bertflow.params import HF_PREFIX, CorpusSource
@@ -22,6 +27,7 @@ from bertflow.params import HF_PREFIX, CorpusSource
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 COMPRESSED_SUFFIXES = (".gz", ".xz", ".zst")
 BINARY_SNIFF_BYTES = 8192
+HF_BATCH = 1000  # records of an hf: dataset read at a time
 
 
 @dataclass
@@ -57,64 +63,111 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1].lower() if suffixes else ""
 
 
-def read_bytes(path: Path) -> bytes:
-    """File content, decompressed according to its suffix; a binary file is an error."""
-    try:
-        raw = path.read_bytes()
-        data = _decompress(path, raw)
-    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
-        raise InputError(f"{path}: cannot read: {exc}") from None
-    if b"\x00" in data[:BINARY_SNIFF_BYTES]:
-        offset = data.index(b"\x00")
-        raise InputError(f"{path}: looks like a binary file (NUL byte at offset {offset}), not text")
-    return data
-
-
-def _decompress(path: Path, raw: bytes) -> bytes:
+def open_stream(path: Path) -> BinaryIO:
+    """The file's content as a binary stream, decompressed according to its suffix."""
     suffix = path.suffix.lower()
     if suffix == ".gz":
-        return gzip.decompress(raw)
+        return gzip.open(path, "rb")
     if suffix == ".xz":
-        return lzma.decompress(raw)
+        return lzma.open(path, "rb")
     if suffix == ".zst":
         import zstandard
 
-        try:
-            return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
-        except zstandard.ZstdError as exc:
-            raise OSError(f"not valid zstd data: {exc}") from None
-    return raw
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True,
+                                                                            read_across_frames=True))
+    return open(path, "rb")
 
 
-def decode(path: Path, data: bytes, on_error: str) -> str | None:
-    """UTF-8 text of ``data`` (BOM removed, CRLF → LF); None when the file is to be skipped."""
+def _read_errors() -> tuple[type[BaseException], ...]:
+    import zstandard
+
+    return OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError
+
+
+def sniff_binary(path: Path) -> None:
+    """A NUL byte among the first bytes means a binary file: an error naming the offset."""
     try:
-        text = data.decode("utf-8-sig")
+        with open_stream(path) as stream:
+            head = stream.read(BINARY_SNIFF_BYTES)
+    except _read_errors() as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from None
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise InputError(f"{path}: looks like a binary file (NUL byte at offset {nul}), not text")
+
+
+def raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line with its newline) of the decompressed content, one line in memory at a time."""
+    offset = 0
+    try:
+        with open_stream(path) as stream:
+            for line in stream:
+                yield offset, line
+                offset += len(line)
+    except _read_errors() as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from None
+
+
+class UndecodableFile(Exception):
+    """A line that is not UTF-8 in a file read with ``on_decode_error: skip``."""
+
+
+def decode_line(path: Path, offset: int, raw: bytes, on_error: str) -> str:
+    """One line as text; invalid UTF-8 fails naming the byte offset, skips the file, or is replaced."""
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         if on_error == "fail":
             raise InputError(
-                f"{path}: not valid UTF-8 at byte offset {exc.start} ({exc.reason}); "
+                f"{path}: not valid UTF-8 at byte offset {offset + exc.start} ({exc.reason}); "
                 "set ingest.corpus.on_decode_error to 'skip' or 'replace' to go on") from None
         if on_error == "skip":
-            return None
-        text = data.decode("utf-8-sig", errors="replace")
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+            raise UndecodableFile(str(path)) from None
+        return raw.decode("utf-8", errors="replace")
 
 
-def split_documents(path: Path, text: str, source: CorpusSource) -> Iterator[str]:
-    """Documents of one decoded file: jsonl records, blank-line blocks, or the whole file."""
+def text_lines(path: Path, on_error: str, digest=None) -> Iterator[str]:
+    """The file's lines as text (BOM removed; CRLF and CR end lines as LF does), streamed. ``digest`` (a
+    hashlib object) is fed every decompressed byte on the way."""
+    for offset, raw in raw_lines(path):
+        if digest is not None:
+            digest.update(raw)
+        if offset == 0 and raw.startswith(codecs.BOM_UTF8):
+            raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+        line = decode_line(path, offset, raw, on_error).removesuffix("\n").removesuffix("\r")
+        yield from line.split("\r")
+
+
+def read_text(path: Path) -> str:
+    """A whole (small) file as text, lines joined by LF: for labeled files, which are read into memory."""
+    sniff_binary(path)
+    return "\n".join(text_lines(path, "fail"))
+
+
+def decodable(path: Path) -> bool:
+    """Whether every line of the file is UTF-8 (a first pass, for ``on_decode_error: skip``)."""
+    try:
+        for _ in text_lines(path, "skip"):
+            pass
+    except UndecodableFile:
+        return False
+    return True
+
+
+def split_documents(path: Path, lines: Iterable[str], source: CorpusSource) -> Iterator[str]:
+    """Documents of one file's lines: jsonl records, blank-line blocks, or the whole file."""
     if _base_suffix(path) == ".jsonl":
-        yield from _jsonl_texts(path, text, source.text_field)
+        yield from _jsonl_texts(path, lines, source.text_field)
     elif source.document_boundary == "file":
-        yield text
+        yield "\n".join(lines)
     else:
-        yield from split_blocks(text)
+        yield from split_blocks(lines)
 
 
-def split_blocks(text: str) -> Iterator[str]:
-    """Blocks of non-blank lines: the documents of a blank-line-separated text."""
+def split_blocks(lines: Iterable[str]) -> Iterator[str]:
+    """Blocks of non-blank lines: the documents of a blank-line-separated text, one block in memory."""
     block: list[str] = []
-    for line in text.split("\n"):
+    for line in lines:
         if line.strip():
             block.append(line)
         elif block:
@@ -124,9 +177,9 @@ def split_blocks(text: str) -> Iterator[str]:
         yield "\n".join(block)
 
 
-def iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
     """(line number, record) for each non-blank line; bad JSON is an error naming the line."""
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -135,8 +188,8 @@ def iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, dict]]:
             raise InputError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
 
 
-def _jsonl_texts(path: Path, text: str, text_field: str) -> Iterator[str]:
-    for number, record in iter_jsonl(path, text):
+def _jsonl_texts(path: Path, lines: Iterable[str], text_field: str) -> Iterator[str]:
+    for number, record in iter_jsonl(path, lines):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise InputError(f"{path}: line {number}: no string field '{text_field}' "
                              "(set text_field of this source)")
@@ -144,24 +197,28 @@ def _jsonl_texts(path: Path, text: str, text_field: str) -> Iterator[str]:
 
 
 def read_local(source: CorpusSource, on_decode_error: str, report: SourceReport) -> Iterator[str]:
-    """Raw documents of a local source; fills ``report`` with its fingerprint as a side value."""
+    """Raw documents of a local source, streamed file by file and line by line; fills ``report`` with its
+    fingerprint (sha256 over each file's relative name and the sha256 of its decompressed bytes)."""
     root = Path(source.path)
     digest = hashlib.sha256()
     for path in list_files(root):
-        data = read_bytes(path)
+        sniff_binary(path)
+        file_digest = hashlib.sha256()
         digest.update(str(path.relative_to(root) if path != root else path.name).encode() + b"\0")
-        digest.update(hashlib.sha256(data).digest())
-        text = decode(path, data, on_decode_error)
-        if text is None:
+        if on_decode_error == "skip" and not decodable(path):
             report.skipped_files.append(str(path))
-            continue
-        report.files += 1
-        yield from split_documents(path, text, source)
+            for _, raw in raw_lines(path):
+                file_digest.update(raw)
+        else:
+            report.files += 1
+            yield from split_documents(path, text_lines(path, on_decode_error, file_digest), source)
+        digest.update(file_digest.digest())
     report.fingerprint = "sha256:" + digest.hexdigest()
 
 
 def read_hf(source: CorpusSource, report: SourceReport) -> Iterator[str]:
-    """Raw documents of an ``hf:<dataset>[:<config>]`` source, loaded with ``datasets``."""
+    """Raw documents of an ``hf:<dataset>[:<config>]`` source, loaded with ``datasets`` (memory-mapped Arrow)
+    and read in batches of records."""
     name, _, config = source.path.removeprefix(HF_PREFIX).partition(":")
     try:
         import datasets
@@ -174,11 +231,12 @@ def read_hf(source: CorpusSource, report: SourceReport) -> Iterator[str]:
         raise InputError(f"{source.path}: no column '{source.text_field}'; columns are {dataset.column_names}")
     report.fingerprint = f"hf:{dataset._fingerprint}"
     report.files = 1
-    texts = dataset[source.text_field]
+    texts = (text for batch in dataset.select_columns([source.text_field]).iter(batch_size=HF_BATCH)
+             for text in batch[source.text_field])
     if source.document_boundary == "file":  # one record, one document
         yield from texts
     else:  # records are lines (as in wikitext); blank records end documents
-        yield from split_blocks("\n".join(texts))
+        yield from split_blocks(line for text in texts for line in text.split("\n"))
 
 
 def source_name(source: CorpusSource) -> str:

@@ -1,7 +1,8 @@
 """Stage ingest: raw sources → cleaned, sentence-split corpus and checked labeled splits.
 
 Reads: the sources in ``ingest.corpus.sources`` and the files in ``ingest.labeled``.
-Writes: ``data/corpus/{train,heldout}.parquet`` + ``manifest.json`` (columns id, source, sentences),
+Writes: ``data/corpus/{train,heldout}.parquet`` + ``manifest.json`` (columns id, source, sentences; written as
+the sources stream in, ``ingest.corpus.batch_documents`` documents per row group),
 ``data/labeled/{train,dev,test}.parquet`` (text, label, label_id) + ``labels.json`` + ``manifest.json``,
 and ``reports/ingest.json``. Run: ``bertflow ingest`` (what dvc.yaml calls).
 """
@@ -57,7 +58,7 @@ def is_heldout(doc_id: str, fraction: float) -> bool:
 
 def clean_documents(raw: Iterable[tuple[str, str]], min_chars: int, stats: CorpusStats) -> Iterator[Document]:
     """Clean (source, text) pairs into documents; drop short, duplicate and sentence-less ones."""
-    seen: set[str] = set()
+    seen: set[int] = set()  # the first 8 bytes of each document's hash: small, and collisions ~n²/2⁶⁵
     for source, text in raw:
         stats.read += 1
         text = clean_text(text)
@@ -65,10 +66,11 @@ def clean_documents(raw: Iterable[tuple[str, str]], min_chars: int, stats: Corpu
             stats.dropped["too_short"] += 1
             continue
         doc_id = document_id(text)
-        if doc_id in seen:
+        key = int(doc_id[:16], 16)
+        if key in seen:
             stats.dropped["duplicate"] += 1
             continue
-        seen.add(doc_id)
+        seen.add(key)
         sentences = document_sentences(text)
         if not sentences:
             stats.dropped["no_sentences"] += 1
@@ -76,21 +78,47 @@ def clean_documents(raw: Iterable[tuple[str, str]], min_chars: int, stats: Corpu
         yield Document(doc_id, source, sentences)
 
 
-def split_figures(documents: list[Document]) -> dict:
-    sentences = [s for doc in documents for s in doc.sentences]
-    return {
-        "documents": len(documents),
-        "sentences": len(sentences),
-        "characters": sum(len(s) for s in sentences),
-        "whitespace_tokens": sum(len(s.split()) for s in sentences),
-    }
+class SplitWriter:
+    """One corpus split as a parquet file written as it streams in: ``batch`` documents at a time (one row
+    group), with its figures counted on the way."""
+
+    SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("sentences", pa.list_(pa.string()))])
+
+    def __init__(self, path: Path, batch: int):
+        self.writer = pq.ParquetWriter(path, self.SCHEMA, compression="zstd")
+        self.batch, self.pending = batch, []
+        self.figures = {"documents": 0, "sentences": 0, "characters": 0, "whitespace_tokens": 0}
+
+    def add(self, document: Document) -> None:
+        self.pending.append(document)
+        self.figures["documents"] += 1
+        self.figures["sentences"] += len(document.sentences)
+        self.figures["characters"] += sum(len(s) for s in document.sentences)
+        self.figures["whitespace_tokens"] += sum(len(s.split()) for s in document.sentences)
+        if len(self.pending) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.table({
+                "id": [doc.id for doc in self.pending],
+                "source": [doc.source for doc in self.pending],
+                "sentences": pa.array([doc.sentences for doc in self.pending], type=pa.list_(pa.string())),
+            }, schema=self.SCHEMA))
+            self.pending = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
 
 
-# ---------------------------------------------------------------- corpus: reading
+# ---------------------------------------------------------------- corpus: streaming it through
 
 
-def read_corpus(params: CorpusParams) -> tuple[list[Document], list[Document], dict]:
-    """Read, clean and split every source; returns (train, heldout, manifest)."""
+def write_corpus(params: CorpusParams, folder: Path) -> dict:
+    """Read, clean and split every source into ``folder/{train,heldout}.parquet`` as it streams; returns the
+    manifest. Memory: ``batch_documents`` documents per split, one source document, and the set of document
+    hashes seen (for duplicates: 8 bytes and a set slot per document)."""
     reports = [SourceReport(source_name(source)) for source in params.sources]
     stats = CorpusStats()
 
@@ -99,42 +127,31 @@ def read_corpus(params: CorpusParams) -> tuple[list[Document], list[Document], d
             for text in read_source(source, params.on_decode_error, report):
                 yield report.name, text
 
-    documents = []
-    for document in clean_documents(raw(), params.min_document_chars, stats):
-        documents.append(document)
-        if params.max_documents and len(documents) >= params.max_documents:
-            break
-    _check_corpus(params, documents, stats)
-    heldout = [doc for doc in documents if is_heldout(doc.id, params.heldout_fraction)]
-    train = [doc for doc in documents if not is_heldout(doc.id, params.heldout_fraction)]
-    if not heldout or not train:
-        raise InputError(f"corpus from {[s.path for s in params.sources]}: {len(documents)} documents give "
-                         f"{len(train)} train and {len(heldout)} held-out with ingest.corpus.heldout_fraction="
-                         f"{params.heldout_fraction}; both need at least one (add text or change the fraction)")
-    manifest = {
-        "sources": [vars(report) for report in reports],
-        "documents_read": stats.read,
-        "dropped": dict(stats.dropped),
-        "train": split_figures(train),
-        "heldout": split_figures(heldout),
-    }
-    return train, heldout, manifest
+    splits = {split: SplitWriter(folder / f"{split}.parquet", params.batch_documents) for split in ("train", "heldout")}
+    try:
+        for count, document in enumerate(clean_documents(raw(), params.min_document_chars, stats), start=1):
+            splits["heldout" if is_heldout(document.id, params.heldout_fraction) else "train"].add(document)
+            if params.max_documents and count >= params.max_documents:
+                break
+    finally:
+        for writer in splits.values():
+            writer.close()
+    figures = {split: writer.figures for split, writer in splits.items()}
+    _check_corpus(params, figures, stats)
+    return {"sources": [vars(report) for report in reports], "documents_read": stats.read,
+            "dropped": dict(stats.dropped), **figures}
 
 
-def _check_corpus(params: CorpusParams, documents: list[Document], stats: CorpusStats) -> None:
-    if not documents:
+def _check_corpus(params: CorpusParams, figures: dict, stats: CorpusStats) -> None:
+    train, heldout = figures["train"]["documents"], figures["heldout"]["documents"]
+    if not train + heldout:
         raise InputError(f"corpus {[s.path for s in params.sources]}: nothing left after cleaning "
                          f"({stats.read} documents read, dropped: {dict(stats.dropped) or 'none'}; "
                          f"ingest.corpus.min_document_chars={params.min_document_chars})")
-
-
-def write_documents(path: Path, documents: list[Document]) -> None:
-    table = pa.table({
-        "id": [doc.id for doc in documents],
-        "source": [doc.source for doc in documents],
-        "sentences": pa.array([doc.sentences for doc in documents], type=pa.list_(pa.string())),
-    })
-    pq.write_table(table, path, compression="zstd")
+    if not heldout or not train:
+        raise InputError(f"corpus from {[s.path for s in params.sources]}: {train + heldout} documents give "
+                         f"{train} train and {heldout} held-out with ingest.corpus.heldout_fraction="
+                         f"{params.heldout_fraction}; both need at least one (add text or change the fraction)")
 
 
 # ---------------------------------------------------------------- labeled data
@@ -155,7 +172,7 @@ def read_labeled(params: LabeledParams) -> tuple[dict[str, list[lab.Row]], list[
         rows[split], problems[split] = _checked(path, rows[split], set(labels), params)
     manifest = {
         "files": {split: Path(path).name if path else None for split, path in files.items()},
-        "fingerprints": {split: "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        "fingerprints": {split: "sha256:" + fingerprint(Path(path))
                          for split, path in files.items() if path},
         "carved_from_train": carved_from_train,
         "rows": {split: len(rows[split]) for split in SPLITS},
@@ -163,6 +180,11 @@ def read_labeled(params: LabeledParams) -> tuple[dict[str, list[lab.Row]], list[
         "dropped": problems,
     }
     return rows, labels, manifest
+
+
+def fingerprint(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _carve_missing(rows: dict[str, list[lab.Row]], params: LabeledParams) -> list[str]:
@@ -206,13 +228,12 @@ def write_labeled(folder: Path, rows: dict[str, list[lab.Row]], labels: list[str
 
 
 def run(params: IngestParams, paths: Paths) -> dict:
-    """Read every input, then write data/corpus and data/labeled atomically; returns the figures."""
+    """Check the labeled files, then stream the corpus into data/corpus and write data/labeled, both replaced
+    atomically (bad input anywhere leaves the previous outputs as they were); returns the figures."""
     started = time.perf_counter()
-    train, heldout, corpus_manifest = read_corpus(params.corpus)
     rows, labels, labeled_manifest = read_labeled(params.labeled)
     with atomic_dirs([paths.corpus, paths.labeled]) as (corpus_dir, labeled_dir):
-        write_documents(corpus_dir / "train.parquet", train)
-        write_documents(corpus_dir / "heldout.parquet", heldout)
+        corpus_manifest = write_corpus(params.corpus, corpus_dir)
         write_json(corpus_dir / "manifest.json", corpus_manifest)
         write_labeled(labeled_dir, rows, labels)
         write_json(labeled_dir / "manifest.json", labeled_manifest)

@@ -248,3 +248,83 @@ def test_hf_source_offline_gives_a_clear_error(tiny):
     assert "hf:wikitext:wikitext-2-raw-v1: cannot load this dataset from the Hugging Face hub" in result.stderr
     assert "Traceback" not in result.stderr
     assert outputs_left(folder) == []
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def generated_corpus(path, documents: int) -> int:
+    """``documents`` distinct paragraphs of ~1 kB in one gzip file; returns the text's size in bytes."""
+    words = ("river", "stone", "orchard", "lantern", "harbour", "meadow", "signal", "copper")
+    size = 0
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        for n in range(documents):
+            sentence = " ".join(words[(n >> k) % len(words)] for k in range(0, 24, 3))
+            paragraph = " ".join(f"Document {n} line {i} tells of the {sentence}." for i in range(12)) + "\n\n"
+            handle.write(paragraph)
+            size += len(paragraph)
+    return size
+
+
+def traced_ingest(settings, source, out, documents: int) -> tuple[int, int, dict]:
+    """(corpus bytes, peak Python heap while ingesting it, manifest) for a generated corpus of ``documents``."""
+    import tracemalloc
+
+    from tasks.ingest import write_corpus
+
+    for old in source.glob("*"):
+        old.unlink()
+    size = generated_corpus(source / "big.txt.gz", documents)
+    out.mkdir()
+    tracemalloc.start()
+    try:
+        manifest = write_corpus(settings, out)
+        return size, tracemalloc.get_traced_memory()[1], manifest
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_corpus_streams_through_in_row_groups_with_bounded_memory(tiny):
+    """Three times the corpus adds a small fraction of the extra text to the peak Python heap (the old reader
+    held every document: more than the text itself), and parquet is written batch_documents at a time."""
+    from bertflow.params import load_params
+    from tasks.ingest import write_corpus
+
+    params, folder = tiny
+    params["ingest"]["corpus"].update({"batch_documents": 100, "heldout_fraction": 0.1})
+    settings = load_params(write_params(folder, params)).ingest.corpus
+    write_corpus(settings.model_copy(update={"heldout_fraction": 0.178}), folder)  # imports etc. not counted below
+    small = traced_ingest(settings, folder / "corpus", folder / "small", 600)
+    large = traced_ingest(settings, folder / "corpus", folder / "large", 1800)
+    manifest = large[2]
+    assert manifest["documents_read"] == 1800 and manifest["dropped"] == {}
+    assert manifest["train"]["documents"] + manifest["heldout"]["documents"] == 1800
+    growth = (large[1] - small[1]) / (large[0] - small[0])
+    assert growth < 0.2, f"peak heap {small[1] / 1e6:.2f} → {large[1] / 1e6:.2f} MB for text " \
+                         f"{small[0] / 1e6:.2f} → {large[0] / 1e6:.2f} MB"
+    train = pq.ParquetFile(folder / "large" / "train.parquet")
+    assert train.metadata.num_rows == manifest["train"]["documents"]
+    assert train.metadata.num_row_groups == -(-manifest["train"]["documents"] // 100)
+
+
+def test_an_hf_source_streams_from_a_local_dataset(tiny):
+    """The hf: reader on a dataset folder ``datasets`` loads offline (records are lines, blank records end
+    documents), read in batches."""
+    params, folder = tiny
+    dataset = folder / "wiki"
+    dataset.mkdir()
+    lines = ["The first article has a sentence that is long enough to keep.", "It goes on here.", "",
+             "The second article also has a sentence long enough to keep.", ""] * 3
+    lines = [line.replace("article", f"article {i // 5}") if line else line for i, line in enumerate(lines)]
+    (dataset / "train.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    params["ingest"]["corpus"]["sources"] = [{"path": f"hf:{dataset}"}]
+    params["ingest"]["corpus"]["heldout_fraction"] = 0.5
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / "hf-home")}
+    result = subprocess.run([sys.executable, "-m", "tasks.cli", "--params", str(write_params(folder, params)),
+                             "--root", str(folder), "ingest"], capture_output=True, text=True, cwd=REPO, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    found = documents(folder, "train") + documents(folder, "heldout")
+    assert len(found) == 6
+    assert {tuple(d["sentences"]) for d in found} >= {
+        ("The first article 0 has a sentence that is long enough to keep.", "It goes on here.")}
