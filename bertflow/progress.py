@@ -25,6 +25,7 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 EVERY_SECONDS = 30.0  # a line at least this often when output is not a terminal
 EVERY_PERCENT = 10  # and one each time the loop passes another 10 % of the way
+BAR = "{desc}: {percentage:3.0f}%|{bar}| "  # then the status text
 
 
 # ---------------------------------------------------------------- figures (pure)
@@ -132,6 +133,7 @@ class Progress:
         self.step, self.seconds = start_step, start_seconds
         self.last_time, self.last_fraction, self.shown_step = self.started, self.fraction(), None
         self.figures: dict = {}
+        self.closed = False
         file = sys.stderr if file is None else file
         if interactive is None:
             interactive = bool(getattr(file, "isatty", lambda: False)())
@@ -139,9 +141,13 @@ class Progress:
 
     def _open_bar(self, file):
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
+        # the loop's own log lines (pretrain's losses, evaluations) print above the bar instead of through it
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
         return tqdm(total=1000, initial=int(1000 * self.fraction()), desc=self.label, file=file, mininterval=1,
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}", dynamic_ncols=True)
+                    bar_format=BAR, dynamic_ncols=True)
 
     def fraction(self) -> float:
         return fraction_done(self.step, self.seconds, self.max_steps, self.minutes)
@@ -160,10 +166,10 @@ class Progress:
         self.step = step
         self.seconds = self.start_seconds + (now - self.started) if seconds is None else seconds
         self.figures = figures
-        if self.bar is not None:
-            self.bar.set_postfix_str(status_text(self.step, self.seconds, now - self.started, self.max_steps,
-                                                 self.minutes, self.start_step, self.start_seconds, figures),
-                                     refresh=False)
+        if self.bar is not None:  # the status goes into the format itself: tqdm's {postfix} starts with ", "
+            text = status_text(self.step, self.seconds, now - self.started, self.max_steps, self.minutes,
+                               self.start_step, self.start_seconds, figures)
+            self.bar.bar_format = BAR + text.replace("{", "{{").replace("}", "}}")
             self.bar.update(int(1000 * self.fraction()) - self.bar.n)
             return
         first = self.shown_step is None
@@ -177,10 +183,12 @@ class Progress:
 
     def close(self, note: str = "done") -> None:
         """End the bar, or write the last line (unless the last update was just written) and ``note``."""
-        if not self.enabled:
+        if not self.enabled or self.closed:
             return
+        self.closed = True
         if self.bar is not None:
             self.bar.close()
+            self._redirect.__exit__(None, None, None)
             return
         if self.shown_step != self.step:
             self._emit(self.clock())

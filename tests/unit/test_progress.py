@@ -103,6 +103,7 @@ def test_a_bar_on_a_terminal_and_nothing_when_disabled(caplog):
         silent.update(5)
         silent.close()
     text = out.getvalue()
-    assert "bar: 100%|" in text and "step 10/10 | 1.0 steps/s | 10s elapsed, ETA 0s | loss 0.5" in text
+    assert "bar: 100%|" in text and "| step 10/10 | 1.0 steps/s | 10s elapsed, ETA 0s | loss 0.5" in text
+    assert ", step" not in text
     assert "quiet" not in text
     assert not caplog.records  # a bar replaces the lines
