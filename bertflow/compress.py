@@ -27,6 +27,7 @@ from bertflow import training as tr
 from bertflow.architectures import set_attention
 from bertflow.classification import Encoded
 from bertflow.io import InputError, write_json
+from bertflow.progress import Progress
 from bertflow.serving import VARIANT_FILE, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -119,16 +120,18 @@ def onnx_int8_variant(onnx_folder: Path, folder: Path) -> Path:
 
 def train_steps(model, data: Encoded, extra: dict[str, list], loss_fn: Callable, steps_per_epoch: int,
                 epochs: int, batch_size: int, learning_rate: float, weight_decay: float, warmup: float,
-                seed: int, pad_id: int, curve, log_every: int) -> list[dict]:
+                seed: int, pad_id: int, curve, log_every: int, label: str = "training") -> list[dict]:
     """AdamW with warm-up and linear decay over ``epochs × steps_per_epoch`` length-bucketed batches.
 
     ``extra`` holds per-row values (teacher logits, ...) that go into the batch beside the token ids;
-    ``loss_fn(model, batch)`` returns (loss, {name: float}). Returns the logged rows.
+    ``loss_fn(model, batch)`` returns (loss, {name: float}). Returns the logged rows. Progress is shown
+    as ``label`` (a bar on a terminal, log lines elsewhere).
     """
     optimizer = tr.adamw(model, learning_rate, weight_decay)
     total = max(steps_per_epoch * epochs, 1)
     lengths = [len(ids) for ids in data.input_ids]
     rows, sums, step = [], {}, 0
+    progress = Progress(label, total)
     model.train()
     for epoch in range(epochs):
         order = tr.epoch_order(lengths, batch_size, seed, epoch)
@@ -143,6 +146,7 @@ def train_steps(model, data: Encoded, extra: dict[str, list], loss_fn: Callable,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            progress.update(step, loss=f"{loss.item():.4f}")
             for key, value in {"loss": loss.item(), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value
             if step % log_every == 0 or step == total:
@@ -152,6 +156,7 @@ def train_steps(model, data: Encoded, extra: dict[str, list], loss_fn: Callable,
                 curve.write(**row)
                 rows.append(row)
                 sums = {}
+    progress.close()
     model.eval()
     return rows
 
@@ -226,7 +231,8 @@ def distill(teacher_config: PretrainedConfig, init_weights: dict | None, init_la
     started = time.perf_counter()
     rows = train_steps(student, data, {"teacher": teacher_logits}, distillation_loss(params.temperature, params.alpha),
                        len(data.labels) // params.batch_size, params.epochs, params.batch_size, params.learning_rate,
-                       params.weight_decay, params.warmup_fraction, params.seed, pad_id, curve, params.log_every)
+                       params.weight_decay, params.warmup_fraction, params.seed, pad_id, curve, params.log_every,
+                       "optimize student (distillation)")
     return student, {**init, "rows": len(data.labels), "steps": rows[-1]["step"] if rows else 0,
                      "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None,
                      "seconds": round(time.perf_counter() - started, 1),
@@ -256,7 +262,8 @@ def prune_magnitude(model: PreTrainedModel, data: Encoded, params, pad_id: int, 
         steps_per_epoch = max(len(data.labels) // params.batch_size, 1)
         epochs = -(-params.recovery_steps // steps_per_epoch)
         rows = train_steps(pruned, data, {}, cross_entropy_loss, min(steps_per_epoch, params.recovery_steps), epochs,
-                           params.batch_size, params.learning_rate, 0.0, 0.0, params.seed, pad_id, curve, log_every)
+                           params.batch_size, params.learning_rate, 0.0, 0.0, params.seed, pad_id, curve, log_every,
+                           "optimize pruned (recovery)")
     for module, name in targets:
         prune.remove(module, name)
     weights = [module.weight for module, _ in targets]

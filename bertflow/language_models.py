@@ -195,16 +195,17 @@ def lstm_loss(model, sequences: Sequence[Sequence[int]], vocab_size: int, reduct
 
 def train_lstm(model, sequences: Sequence[Sequence[int]], vocab_size: int, steps: int | None = None,
                batch_size: int = 32, learning_rate: float = 2e-3, seed: int = 0,
-               budget_seconds: float | None = None) -> list[float]:
+               budget_seconds: float | None = None, progress=None) -> list[float]:
     """Adam over random batches of sentences for ``steps`` steps or ``budget_seconds``, whichever ends first.
 
-    Returns the loss of every step taken.
+    Returns the loss of every step taken. ``progress`` (a ``bertflow.progress.Progress``) hears of every step.
     """
     if steps is None and budget_seconds is None:
         raise ValueError("give steps or budget_seconds")
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
+    started = time.monotonic()
+    deadline = None if budget_seconds is None else started + budget_seconds
     losses: list[float] = []
     model.train()
     while (steps is None or len(losses) < steps) and (deadline is None or time.monotonic() < deadline):
@@ -215,6 +216,8 @@ def train_lstm(model, sequences: Sequence[Sequence[int]], vocab_size: int, steps
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if progress is not None:
+            progress.update(len(losses), time.monotonic() - started, loss=f"{losses[-1]:.4f}")
     model.eval()
     return losses
 

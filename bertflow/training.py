@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bertflow.io import InputError, atomic_dirs, read_json, write_json
+from bertflow.progress import Progress, fraction_done
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
@@ -96,9 +97,13 @@ class Budget:
     minutes: float | None = None
 
     def progress(self, step: int, seconds: float) -> float:
-        parts = [step / self.max_steps] if self.max_steps else []
-        parts += [seconds / (60 * self.minutes)] if self.minutes else []
-        return min(1.0, max(parts, default=0.0))
+        return fraction_done(step, seconds, self.max_steps, self.minutes)
+
+    def reporter(self, label: str, state_step: int = 0, state_seconds: float = 0.0, enabled: bool = True) -> Progress:
+        """Progress of a loop run over this budget (a bar on a terminal, log lines elsewhere; bertflow/progress.py),
+        from where it stands (a resumed run's step and seconds)."""
+        return Progress(label, self.max_steps, self.minutes, start_step=state_step, start_seconds=state_seconds,
+                        enabled=enabled)
 
     def spent(self, step: int, seconds: float) -> bool:
         return self.progress(step, seconds) >= 1.0

@@ -61,6 +61,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from bertflow import lifeline, outcome, stages, tracking  # noqa: E402
 from bertflow.paths import Paths  # noqa: E402
+from bertflow.summary import closing_text  # noqa: E402
 from bertflow.tracking import prefect_flow_run_id  # noqa: E402
 
 STAGES = stages.PIPELINE
@@ -494,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bertflow-flow: error: the flow run ended {state.name}: {state.message}", file=sys.stderr)
         return 1
     print(stage_table(state.result()))
+    print(closing_text(root, state.result()))  # the figures, the registry decision, the report's path
     return 0
 
 

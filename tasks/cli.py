@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from bertflow import launch, lifeline
@@ -81,15 +82,40 @@ def sync_or_check(root: Path, check: bool) -> int:
     return 1 if problems else 0
 
 
+PARAMS_HELP = "params file (default: params.yaml)"
+ROOT_HELP = "project root holding data/, artifacts/, reports/ (default: .)"
+
+
+def package_version() -> str:
+    """The installed bertflow's version (pyproject.toml's, through the package metadata)."""
+    try:
+        return metadata.version("bertflow")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
+def common_options(with_params: bool = True) -> argparse.ArgumentParser:
+    """``--params``/``--root`` for after the command's name (``bertflow ingest --params x.yaml``). Their defaults are
+    left out (SUPPRESS), so one given before the name stands unless given again after it."""
+    options = argparse.ArgumentParser(add_help=False)
+    if with_params:
+        options.add_argument("--params", default=argparse.SUPPRESS, help=PARAMS_HELP)
+    options.add_argument("--root", default=argparse.SUPPRESS, help=ROOT_HELP)
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bertflow", description="bertflow pipeline stages")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--root", default=".", help="project root holding data/, artifacts/, reports/")
+    parser = argparse.ArgumentParser(prog="bertflow", description="bertflow pipeline stages; --params and --root "
+                                     "go before or after the stage's name")
+    parser.add_argument("--version", action="version", version=f"bertflow {package_version()}")
+    parser.add_argument("--params", default="params.yaml", help=PARAMS_HELP)
+    parser.add_argument("--root", default=".", help=ROOT_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for stage in STAGES:
-        commands.add_parser(stage.name, help=stage.help)
+        commands.add_parser(stage.name, help=stage.help, parents=[common_options()])
     sync = commands.add_parser("sync-dvc", help="write every field into params.yaml, and dvc.yaml's deps (the code "
-                               "each stage imports, ingest's sources) and params from the code and params.yaml")
+                               "each stage imports, ingest's sources) and params from the code and params.yaml",
+                               parents=[common_options(with_params=False)])
     sync.add_argument("--check", action="store_true", help="change nothing; exit 1 when either file is stale")
     add_predict(commands)
     add_restore(commands)
@@ -99,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_predict(commands) -> None:
     """``bertflow predict`` (bertflow/predict.py, imported only when it runs: the stages never load it)."""
     predict = commands.add_parser(
-        "predict", help="classify texts with a registered model or a model folder (label, scores, truncated)",
+        "predict", parents=[common_options(with_params=False)],
+        help="classify texts with a registered model or a model folder (label, scores, truncated)",
         description="Classify texts with the registered classifier or any form of it. Exit 2 with one message "
                     "for a model, registry, file or column that is not there, or a text the model refuses.")
     predict.add_argument("texts", nargs="*", help="texts to classify (none: --input, else standard input)")
@@ -117,7 +144,8 @@ def add_predict(commands) -> None:
 def add_restore(commands) -> None:
     """``bertflow restore`` (bertflow/restore.py, imported only when it runs, like predict)."""
     restore = commands.add_parser(
-        "restore", help="bring back the data, artifacts, dvc.lock and params.yaml a registered version was built from",
+        "restore", parents=[common_options(with_params=False)],
+        help="bring back the data, artifacts, dvc.lock and params.yaml a registered version was built from",
         description="Bring the project (--root) back to what a registered version was built from: writes the "
                     "dvc.lock and params.yaml recorded with its MLflow run over the work tree's (so it refuses "
                     "when git does not hold those two as they are: commit first, or pass --force), then its "

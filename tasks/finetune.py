@@ -62,13 +62,14 @@ class FinetuneState:
 
 def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams, pad_id: int,
                      store: tr.CheckpointStore, curve: tr.MetricsLog, bf16: bool, saved: dict | None,
-                     world: dd.World) -> dict:
+                     world: dd.World, label: str = "finetune") -> dict:
     """Epoch after epoch until the budget is spent, early stopping on dev ends the run or ``epochs`` is
     reached; the best dev evaluation's weights end up in ``model``.
 
     Under torchrun every process takes its slice of each global batch (``finetune.batch_size``);
     every process scores dev (the same weights give the same figures, so all stop together), rank 0's
-    clock decides when a time budget is spent, and only rank 0 writes checkpoints and the curve.
+    clock decides when a time budget is spent, and only rank 0 writes checkpoints and the curve. Progress
+    (``label``) runs to the budget or the epoch cap, whichever comes first; early stopping may end it sooner.
     """
     optimizer = tr.adamw(model, params.learning_rate, params.weight_decay)
     steps_per_epoch = len(train.labels) // params.batch_size
@@ -82,6 +83,7 @@ def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams
         state, best = FinetuneState(**saved["loop"]), saved["best"]
     forward = dd.wrap(model, world)
     lengths = [len(ids) for ids in train.input_ids]
+    progress = schedule.reporter(label, state.step, state.seconds, world.main)
     model.train()
     while state.stopped_by is None:
         epoch, order = state.epoch, tr.epoch_order(lengths, params.batch_size, params.seed, state.epoch)
@@ -98,12 +100,14 @@ def train_classifier(model, train: Encoded, dev: Encoded, params: FinetuneParams
             advance(state, params.batch_size, len(order), loss)
             state.seconds += dd.broadcast_float(time.perf_counter() - started, world)
             spent = budget.spent(state.step, state.seconds)
+            progress.update(state.step, state.seconds, loss=f"{loss:.4f}")
             if state.cursor == 0 or spent or (params.eval_every_steps and state.step % params.eval_every_steps == 0):
                 best = _evaluate(model, dev, params, pad_id, state, best, curve, lr, bf16, steps_per_epoch)
                 state.stopped_by = stop_reason(params, state, spent)
             if world.main and (state.cursor == 0 or state.stopped_by or store.due(
                     state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes)):
                 store.save(state.step, _checkpoint(model, optimizer, state, best))
+    progress.close(f"stopped by {state.stopped_by}")
     model.load_state_dict(best)
     return {"stopped_by": state.stopped_by, "best_epoch": state.best_epoch, "best_step": state.best_step,
             f"best_dev_{params.metric}": round(state.best_metric, 5),
@@ -221,7 +225,7 @@ def finetune_run(name: str, source: Path, random_init: bool, labels: list[str], 
     curve = tr.metrics_log(paths.reports / "finetune" / f"{name}.csv", EPOCH_FIELDS,
                            saved["loop"]["step"] if saved else None, world.main)
     summary = train_classifier(model, train, dev, params, tokenizer.pad_token_id, store, curve,
-                               tr.use_bf16(params.bf16, world.device), saved, world)
+                               tr.use_bf16(params.bf16, world.device), saved, world, f"finetune {name}")
     return model, {**summary, "resumed_from_step": saved["loop"]["step"] if saved else 0, "store": store}
 
 

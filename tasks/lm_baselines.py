@@ -12,6 +12,7 @@ The report stage sets these beside BERT's held-out masked-LM figures. Run: ``ber
 from __future__ import annotations
 
 import csv
+import logging
 import random
 import time
 
@@ -22,7 +23,10 @@ from bertflow import training as tr
 from bertflow.io import InputError, atomic_dirs
 from bertflow.params import LmBaselinesParams
 from bertflow.paths import Paths
+from bertflow.progress import Progress
 from bertflow.tokenization import load_tokenizer, read_sentences, tokenize_documents
+
+log = logging.getLogger(__name__)
 
 
 def piece_ids(tokenizer, sentences: list[str]) -> list[list[int]]:
@@ -62,8 +66,9 @@ def lstm_figures(train: list[list[int]], heldout: list[list[int]], vocab_size: i
     model = lm.lstm_model(vocab_size, params.embedding_size, params.hidden_size, params.num_layers, params.seed,
                           lm.frequency_rank(train, vocab_size), params.cutoffs)
     budget = None if params.budget_minutes is None else params.budget_minutes * 60
-    losses = lm.train_lstm(model, train, vocab_size, params.max_steps, params.batch_size, params.learning_rate,
-                           params.seed, budget)
+    with Progress("lm_baselines lstm", params.max_steps, params.budget_minutes) as progress:
+        losses = lm.train_lstm(model, train, vocab_size, params.max_steps, params.batch_size, params.learning_rate,
+                               params.seed, budget, progress)
     trained = time.perf_counter() - started
     seen = len(losses) * min(params.batch_size, len(train))  # train_lstm draws min(batch, rows) per step
     figures = {"steps": len(losses), "sentences_seen": seen, "epochs": round(seen / len(train), 3),
@@ -94,6 +99,8 @@ def run(params: LmBaselinesParams, paths: Paths) -> dict:
     vocab_size = len(tokenizer)
     train = read_pieces(paths, "train", tokenizer, params.max_train_sentences, params.lstm.seed)
     heldout = read_pieces(paths, "heldout", tokenizer, None, params.lstm.seed)
+    log.info("lm_baselines: %d train and %d held-out sentences in word pieces; scoring unigram and bigram",
+             len(train), len(heldout))
     figures = {
         "tokens": {"vocab_size": vocab_size, "train_sentences": len(train), "train_pieces": sum(map(len, train)),
                    "heldout_sentences": len(heldout), "heldout_pieces": sum(map(len, heldout)),
@@ -102,6 +109,8 @@ def run(params: LmBaselinesParams, paths: Paths) -> dict:
                     "heldout_perplexity": round(lm.unigram_perplexity(train, heldout, vocab_size), 3)},
         "bigram": bigram_figures(train, heldout, vocab_size, params.bigram.discount),
     }
+    log.info("lm_baselines: bigram held-out perplexity %.2f (%.1f s)%s", figures["bigram"]["heldout_perplexity"],
+             figures["bigram"]["seconds"], "; training the LSTM" if params.lstm.enabled else "")
     figures["lstm"], losses = (lstm_figures(train, heldout, vocab_size, params.lstm) if params.lstm.enabled
                                else ({"enabled": False}, None))
     with atomic_dirs([paths.reports / "lm_baselines"]) as (folder,):

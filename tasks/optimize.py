@@ -130,6 +130,8 @@ def distillation_data(teacher, tokenizer, paths: Paths, params: OptimizeParams) 
     texts, labels = read_split(paths, "train")
     extra = unlabeled_sentences(paths, params.distill.unlabeled_sentences, params.distill.seed)
     data = encode(tokenizer, texts + extra, labels + [-1] * len(extra), params.max_seq_length)
+    log.info("optimize student: the teacher scores %d rows (%d labeled, %d corpus sentences) to distil from",
+             len(data.labels), len(texts), len(extra))
     logits = predict_logits(teacher, data, tokenizer.pad_token_id, 128)
     return data, logits, {"labeled_rows": len(texts), "unlabeled_rows": len(extra)}
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from bertflow import checkpoints as ck
 from bertflow import distributed as dd
@@ -127,10 +126,9 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
     stepper = dd.wrap(PretrainingStep(model, settings.mlm_loss, settings.objective), settings.world)
     order_cache: dict = {}
     last_eval: dict = {}
-    bar = tqdm(total=1000, desc="pretrain", unit="‰", mininterval=2, disable=None if world.main else True,
-               initial=int(1000 * budget.progress(state.step, state.seconds)))
     if state.step == 0:  # what the starting weights score: what pretraining buys is measured from here
         state.heldout_at_start = _evaluate_and_log(model, eval_batches, params, state, eval_log, settings)
+    progress = budget.reporter("pretrain", state.step, state.seconds, world.main)
     model.train()
     while budget.progress(state.step, state.seconds) < 1.0:
         started = time.perf_counter()
@@ -147,8 +145,7 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
         elapsed = dd.broadcast_float(time.perf_counter() - started, world)
         state.seconds += elapsed
         state.tokens += tokens
-        bar.update(int(1000 * budget.progress(state.step, state.seconds)) - bar.n)
-        bar.set_postfix(loss=f"{losses[0]:.3f}", tok_s=f"{tokens / elapsed:.0f}", step=state.step)
+        progress.update(state.step, state.seconds, loss=f"{losses[0]:.4f}", tokens_per_s=f"{tokens / elapsed:.0f}")
         if state.step % params.log_every == 0 or state.step == 1:
             parts = loss_columns(losses, settings.objective)
             train_log.write(step=state.step, **parts, lr=f"{lr:.3e}", tokens_per_second=round(tokens / elapsed),
@@ -160,7 +157,7 @@ def train(model, optimizer, train_batches: PretrainBatches, eval_batches: Pretra
             last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, settings)
         if world.main and store.due(state.step, params.checkpoint_every_steps, params.checkpoint_every_minutes):
             store.save(state.step, checkpoint_state(model, optimizer, state))
-    bar.close()
+    progress.close()
     if not last_eval or last_eval.get("step") != state.step:
         last_eval = _evaluate_and_log(model, eval_batches, params, state, eval_log, settings)
     return last_eval
