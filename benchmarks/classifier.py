@@ -1,4 +1,9 @@
-"""Fine-tuning throughput and the served classifier's latency, bertflow beside the reference.
+"""Fine-tuning throughput and the served classifier's latency, bertflow beside transformers.Trainer and the reference.
+
+transformers.Trainer (``benchmarks/trainer_side.py``): the same classifier with its own loss under
+``Trainer.train()`` with every built-in speed option that applies on a CPU (bf16, fused AdamW,
+torch.compile, length-grouped sampling, eager attention, in-process loading), on the same batches, its
+loop driving the interleaved rounds. MFU against the bf16 and fp32 matmul peaks measured in the run.
 
 Fine-tuning: the finetune stage's step (``tasks.finetune``: batches built by length, bf16 autocast
 where the CPU has it, eager attention, fused AdamW, gradient clipping) against the reference: stock
@@ -23,6 +28,7 @@ Reads: ``data/labeled/{train,dev}.parquet`` + ``labels.json``, ``artifacts/class
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import tempfile
@@ -35,7 +41,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import ensure_output, machine, machine_line, write_results  # noqa: E402
+from benchmarks.common import ensure_output, machine, machine_line, matmul_peak, write_results  # noqa: E402
+from benchmarks.trainer_side import TrainerSide  # noqa: E402
 from bertflow import distributed as dd  # noqa: E402
 from bertflow import training as tr  # noqa: E402
 from bertflow.classification import encode, read_split  # noqa: E402
@@ -95,7 +102,7 @@ class FinetuneSide:
             self.order = list(range(len(train.labels)))
             random.Random(0).shuffle(self.order)
             self.bf16 = False
-        self.cursor, self.seconds, self.tokens, self.sequences = 0, 0.0, 0, 0
+        self.cursor, self.seconds, self.tokens, self.padded, self.sequences = 0, 0.0, 0, 0, 0
 
     def step(self, measure: bool) -> None:
         if self.cursor + self.batch_size > len(self.order):
@@ -113,11 +120,29 @@ class FinetuneSide:
         if measure:
             self.seconds += time.perf_counter() - started
             self.tokens += int(batch["attention_mask"].sum())
+            self.padded += batch["input_ids"].numel()
             self.sequences += len(batch["labels"])
 
-    def figures(self) -> dict:
-        return {"tokens_per_second": round(self.tokens / self.seconds),
-                "sequences_per_second": round(self.sequences / self.seconds, 1)}
+
+def side_figures(side, peaks: dict) -> dict:
+    """Throughput and MFU of a fine-tuning side (``FinetuneSide`` or ``TrainerSide``)."""
+    flops = encoder_flops_per_token(side.model, side.padded / side.sequences) * side.tokens
+    gflops = flops / side.seconds / 1e9
+    return {"tokens_per_second": round(side.tokens / side.seconds),
+            "sequences_per_second": round(side.sequences / side.seconds, 1),
+            "padding_fraction": round(1 - side.tokens / side.padded, 3),
+            "model_gflops_per_second": round(gflops, 1),
+            "mfu_vs_bf16_peak": round(gflops / peaks["bf16"], 3),
+            "mfu_vs_fp32_peak": round(gflops / peaks["fp32"], 3)}
+
+
+def encoder_flops_per_token(model, mean_length: float) -> float:
+    """Training FLOPs per token: 6 per parameter outside the embeddings (the head included) and attention's
+    12·L·T·H, T the mean padded length: the same useful work whichever side does it."""
+    config = model.config
+    embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
+    weights = sum(p.numel() for p in model.parameters()) - embedding
+    return 6 * weights + 12 * config.num_hidden_layers * mean_length * config.hidden_size
 
 
 def finetuning(folder: Path, paths: Paths, params: FinetuneParams, args) -> dict:
@@ -128,14 +153,33 @@ def finetuning(folder: Path, paths: Paths, params: FinetuneParams, args) -> dict
     for side in sides:
         for _ in range(args.warmup):
             side.step(measure=False)
-    for round_ in range(args.rounds):  # interleaved, every other round in reverse
-        for side in sides if round_ % 2 == 0 else sides[::-1]:
-            for _ in range(args.steps):
-                side.step(measure=True)
-    result = {"batch_size": params.batch_size, **{side.name: side.figures() for side in sides}}
+    measured = list(sides)
+    if args.no_trainer:
+        for round_ in range(args.rounds):
+            run_round(sides, round_, args.steps)
+    else:  # the Trainer's own loop drives the rounds; the other sides step inside it
+        trainer = TrainerSide(load_classifier(folder).train(), [len(ids) for ids in train.input_ids],
+                              lambda indices: train.batch(indices, tokenizer.pad_token_id), params.batch_size,
+                              params.learning_rate, tr.use_bf16(params.bf16), args.trainer_warmup)
+        trainer.run(args.rounds, args.steps, lambda round_: run_round(sides, round_, args.steps))
+        measured.append(trainer)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    result = {"batch_size": params.batch_size, "peaks": {k: round(v, 1) for k, v in peaks.items()},
+              **{side.name: side_figures(side, peaks) for side in measured}}
     result["speedup"] = round(result["bertflow"]["sequences_per_second"] / result["reference"]["sequences_per_second"],
                               2)
+    if not args.no_trainer:
+        # tokens/s: the two samplers group by length differently, so their batches' lengths differ
+        result["vs_trainer"] = round(result["bertflow"]["tokens_per_second"]
+                                     / result[TrainerSide.name]["tokens_per_second"], 2)
     return result
+
+
+def run_round(sides: list[FinetuneSide], round_: int, steps: int) -> None:
+    """One interleaved round, in reverse order every other round (the Trainer: last, then first)."""
+    for side in sides if round_ % 2 == 0 else sides[::-1]:
+        for _ in range(steps):
+            side.step(measure=True)
 
 
 # ---------------------------------------------------------------- serving
@@ -213,16 +257,21 @@ def serving(folder: Path, paths: Paths, scratch: Path, args) -> dict:
 
 def markdown(result: dict) -> str:
     ft, sv = result["finetuning"], result["serving"]
-    ref, ours = sv["reference"], sv["bertflow"]
+    ref, ours, trainer = sv["reference"], sv["bertflow"], ft.get(TrainerSide.name, {})
     return "\n".join([
         f"# Classifier: fine-tuning and serving ({machine_line(result['machine'])})", "",
         f"Model: {result['model']}. Fine-tuning batch {ft['batch_size']} of SST-2 training phrases, "
         f"{result['args']['rounds']} interleaved rounds × {result['args']['steps']} steps per side; serving over "
         f"{sv['texts']} SST-2 dev sentences.", "",
-        "| fine-tuning | reference | bertflow | speed-up |", "|---|---|---|---|",
-        f"| sequences/s | {ft['reference']['sequences_per_second']} | {ft['bertflow']['sequences_per_second']} | "
-        f"{ft['speedup']}× |",
-        f"| tokens/s | {ft['reference']['tokens_per_second']:,} | {ft['bertflow']['tokens_per_second']:,} | |", "",
+        "| fine-tuning | reference | transformers.Trainer | bertflow | vs reference | vs Trainer |",
+        "|---|---|---|---|---|---|",
+        f"| sequences/s | {ft['reference']['sequences_per_second']} | {trainer.get('sequences_per_second', '–')} | "
+        f"{ft['bertflow']['sequences_per_second']} | {ft['speedup']}× | |",
+        f"| tokens/s | {ft['reference']['tokens_per_second']:,} | {trainer.get('tokens_per_second', '–'):,} | "
+        f"{ft['bertflow']['tokens_per_second']:,} | | {ft.get('vs_trainer', '–')}× |",
+        f"| MFU (bf16 peak {ft['peaks']['bf16']:.0f} GFLOP/s; the reference runs fp32: fp32 peak "
+        f"{ft['peaks']['fp32']:.0f}) | {ft['reference']['mfu_vs_fp32_peak']:.1%} (fp32) | "
+        f"{trainer.get('mfu_vs_bf16_peak', float('nan')):.1%} | {ft['bertflow']['mfu_vs_bf16_peak']:.1%} | | |", "",
         "| serving | reference (transformers pipeline) | bertflow (registry champion, pyfunc) |", "|---|---|---|",
         f"| latency p50, batch 1 | {ref['p50_ms']} ms | {ours['p50_ms']} ms |",
         f"| latency p99, batch 1 | {ref['p99_ms']} ms | {ours['p99_ms']} ms |",
@@ -238,14 +287,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--texts", type=int, default=300, help="dev sentences for the latency figures")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-trainer", action="store_true", help="skip the transformers.Trainer side")
+    parser.add_argument("--trainer-warmup", type=int, default=6,
+                        help="unmeasured Trainer steps (torch.compile compiles, then recompiles for dynamic shapes)")
+    parser.add_argument("--skip-serving", action="store_true", help="fine-tuning only (results not written)")
     args = parser.parse_args()
     tr.set_threads(args.threads)
     paths = Paths(REPO)
     with tempfile.TemporaryDirectory(prefix="bench-classifier-") as tmp:
         scratch = Path(tmp)
         folder, described = classifier_folder(paths, Path(args.params), scratch)
-        result = {"machine": machine(), "model": described, "args": vars(args),
-                  "finetuning": finetuning(folder, paths, load_params(args.params).finetune, args),
+        tuning = finetuning(folder, paths, load_params(args.params).finetune, args)
+        if args.skip_serving:
+            print(json.dumps(tuning, indent=2))
+            return
+        result = {"machine": machine(), "model": described, "args": vars(args), "finetuning": tuning,
                   "serving": serving(folder, paths, scratch, args)}
     write_results("classifier", result, markdown(result))
 

@@ -50,6 +50,23 @@ def ensure_output(stage: str, output: Path, root: Path = REPO) -> None:
                    env={**os.environ, "PATH": scripts})
 
 
+def matmul_peak(dtype) -> float:
+    """Best GFLOP/s of square matrix products (n = 512, 1024, 2048) in ``dtype`` (a torch dtype)."""
+    import torch
+
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        reps = max(3, int(2e10 / (2 * n ** 3)))
+        started = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - started) / 1e9)
+    return best
+
+
 def write_results(name: str, result: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -44,7 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import ensure_output, machine, machine_line, write_results  # noqa: E402
+from benchmarks.common import ensure_output, machine, machine_line, matmul_peak, write_results  # noqa: E402
 from benchmarks.trainer_side import TrainerSide  # noqa: E402
 from bertflow import training as tr  # noqa: E402
 from bertflow.model import (  # noqa: E402
@@ -98,21 +98,6 @@ def ablations(bertflow: Recipe) -> dict[str, Recipe]:
             "bertflow without bf16": replace(bertflow, bf16=False),
             "bertflow without length batching": replace(bertflow, length_batches=False),
             "bertflow without the sparse MLM head": replace(bertflow, sparse_head=False, compile_loss=False)}
-
-
-def matmul_peak(dtype: torch.dtype) -> float:
-    """Best GFLOP/s of square matrix products (n = 512, 1024, 2048)."""
-    best = 0.0
-    for n in (512, 1024, 2048):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        for _ in range(2):
-            a @ b
-        reps = max(3, int(2e10 / (2 * n ** 3)))
-        started = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - started) / 1e9)
-    return best
 
 
 def build_model(name: str, vocab: int, attention: str, seed: int = 0):
