@@ -101,3 +101,17 @@ def read_column(path: Path, column: str, producer: str = "ingest") -> list:
     if not path.is_file():
         raise InputError(f"{path}: missing; run `bertflow {producer}` first")
     return pq.read_table(path, columns=[column])[column].to_pylist()
+
+
+def iter_column(path: Path, column: str, producer: str = "ingest", batch_rows: int = 256) -> Iterator:
+    """The values of one column of a stage's Parquet output, read ``batch_rows`` rows at a time.
+
+    Arrow reads one row group at a time, so memory follows the file's row groups and ``batch_rows``, not
+    its size. The missing-file check is made now, the reading when the result is iterated.
+    """
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise InputError(f"{path}: missing; run `bertflow {producer}` first")
+    batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=[column])
+    return (value for batch in batches for value in batch.column(0).to_pylist())
