@@ -5,11 +5,11 @@ removed scale by scale unless --keep), ``benchmarks/results/data_scaling.json`` 
 Each k× corpus is k copies of the sources, copy c > 0 with ``copy c:`` before every line, so each copy's
 documents are distinct (ingest drops exact duplicates) and its text costs what the original costs. The
 tokenizer is trained once, on the first scale's corpus, and copied to the others. Each stage runs as its
-own process, as ``dvc repro`` runs it: wall time, the largest process's peak RSS (``wait4``, pool workers
-included once they are reaped) and the peak of the whole process tree's PSS (sampled every 0.2 s: what the
-machine must hold). The figures: seconds and peak memory per source MB as a least-squares line
-``a + b·MB``, each step's marginal cost against ``b`` (linear when every step is within 30 %), and the
-peak memory of the largest scale against the smallest (bounded when within 25 %). Not a test:
+own process, as ``dvc repro`` runs it: wall time, the largest process's peak RSS (its ``VmHWM``, pool
+workers included) and the peaks of the whole process tree's summed RSS (an upper bound of what the machine
+must hold) and PSS, sampled every 0.1 s. The figures: seconds and peak memory per source MB as a
+least-squares line ``a + b·MB``, each step's marginal cost against ``b`` (linear when every step is within
+30 %), and the tree's peak summed RSS at the largest scale against the smallest (bounded when within 25 %). Not a test:
 
     python benchmarks/data_scaling.py                        # 1×, 4×, 16×: about an hour on 2 cores
     python benchmarks/data_scaling.py --base-mb 1 --scales 1,2 --results /tmp/scaling   # a smoke run
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -84,42 +83,52 @@ def write_corpus(folder: Path, texts: list[tuple[str, str]], scale: int) -> floa
     return size / 1e6
 
 
-def tree_pss(pid: int) -> int:
-    """Proportional set size of a process and its descendants (shared pages counted once in all)."""
+def tree_memory(pid: int) -> tuple[int, int, int]:
+    """(summed RSS, summed PSS, largest peak RSS) in bytes of a process and its descendants, now.
+
+    The summed RSS counts the pages the forked workers share with the stage once per process (an upper
+    bound); PSS shares them out, but grows as the workers touch (copy) what they inherited, with time rather
+    than data. The peak RSS is each process's ``VmHWM`` (its high-water mark since its ``exec``); ``wait4``'s
+    ``ru_maxrss`` is not used, because Linux carries the parent's high-water mark into a child across
+    ``fork``/``exec``, so a big parent would hide the stage's peak.
+    """
     import psutil
 
-    total = 0
+    rss = pss = peak = 0
     try:
         root = psutil.Process(pid)
-        for process in [root, *root.children(recursive=True)]:
-            try:
-                total += process.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
+        processes = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        pass
-    return total
+        return 0, 0, 0
+    for process in processes:
+        try:
+            memory = process.memory_full_info()
+            status = Path(f"/proc/{process.pid}/status").read_text()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+            continue
+        rss, pss = rss + memory.rss, pss + memory.pss
+        if "VmHWM:" in status:  # a zombie's status has none
+            peak = max(peak, int(status.split("VmHWM:")[1].split()[0]) * 1024)
+    return rss, pss, peak
 
 
-def measure_stage(stage: str, params: Path, root: Path, overrides: list[str]) -> dict:
-    """Run one stage in a child process; wall seconds, peak RSS of its largest process, peak PSS of its tree."""
+def measure_stage(stage: str, params: Path, root: Path, overrides: list[str], every: float = 0.1) -> dict:
+    """Run one stage in a child process; wall seconds, peak RSS of its largest process, peaks of its tree's
+    summed RSS and PSS (sampled every ``every`` seconds), and its report."""
     code = ("import sys; from tasks.cli import run_stage; "
             f"run_stage({stage!r}, {str(params)!r}, {str(root)!r}, dict(a.split('=', 1) for a in sys.argv[1:]))")
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-c", code, *overrides], cwd=REPO)
-    peak_pss = 0
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
-        peak_pss = max(peak_pss, tree_pss(process.pid))
-        time.sleep(0.2)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    peaks = [0, 0, 0]
+    while process.poll() is None:
+        peaks = [max(a, b) for a, b in zip(peaks, tree_memory(process.pid), strict=True)]
+        time.sleep(every)
     if process.returncode:
         raise SystemExit(f"stage {stage} failed with status {process.returncode}")
     report = json.loads((root / "reports" / f"{stage}.json").read_text())
-    return {"wall_seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "peak_tree_pss_mb": round(peak_pss / 2**20, 1), "report": report}
+    tree_rss, tree_pss, largest = (round(peak / 2**20, 1) for peak in peaks)
+    return {"wall_seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": largest,
+            "peak_tree_rss_mb": tree_rss, "peak_tree_pss_mb": tree_pss, "report": report}
 
 
 def run_scale(scale: int, texts, first_source: dict, params: Path, scratch: Path, overrides: list[str]) -> dict:
@@ -159,7 +168,7 @@ def scaling(rows: list[dict], stage: str) -> dict:
     """Per-MB slope of wall time and memory of one stage, its step-by-step marginal costs and the two checks."""
     xs = [r["source_mb"] for r in rows]
     seconds = [r["stages"][stage]["wall_seconds"] for r in rows]
-    memory = [r["stages"][stage]["peak_tree_pss_mb"] for r in rows]
+    memory = [r["stages"][stage]["peak_tree_rss_mb"] for r in rows]
     intercept, slope = fit_line(xs, seconds)
     steps = [(seconds[i + 1] - seconds[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
     return {
@@ -182,13 +191,13 @@ def markdown(result: dict) -> str:
     lines = [f"# Data stages at {scales} the corpus "
              f"({machine_line(result['machine'])})", "",
              f"params: {result['params']}; pretrain_data overrides: {result['overrides'] or 'none'}", "",
-             "| scale | source MB | stage | wall s | MB/s | peak RSS MB (largest process) | peak PSS MB (all) |",
-             "|---|---|---|---|---|---|---|"]
+             "| scale | source MB | stage | wall s | MB/s | peak RSS MB, largest process | peak RSS MB, all | "
+             "peak PSS MB, all |", "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         for name, stage in row["stages"].items():
             lines.append(f"| {row['scale']}× | {row['source_mb']} | {name} | {stage['wall_seconds']} | "
                          f"{row['source_mb'] / stage['wall_seconds']:.2f} | {stage['peak_rss_mb']} | "
-                         f"{stage['peak_tree_pss_mb']} |")
+                         f"{stage['peak_tree_rss_mb']} | {stage['peak_tree_pss_mb']} |")
     lines += ["", "| stage | s per source MB | marginal s/MB per step | linear (±30 %) | memory growth, smallest → "
               "largest | bounded (≤ 1.25×) | 100 GB on one such machine, h |", "|---|---|---|---|---|---|---|"]
     for name, fit in result["scaling"].items():

@@ -3,12 +3,16 @@ streaming: units are read only as fast as the workers build them."""
 
 import hashlib
 import json
+import shutil
 import time
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
+from benchmarks.data_scaling import measure_stage
 from bertflow.io import InputError
 from tasks.cli import run_stage
 from tasks.pretrain_data import plan_units, run_units
@@ -147,6 +151,34 @@ def test_missing_tokenizer_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(InputError, match="artifacts/tokenizer: no tokenizer here; run `bertflow tokenizer` first"):
         run_stage("pretrain_data", path, folder)
     assert not (folder / "data" / "pretrain").exists()
+
+
+def corpus_copies(tiny_run, root, copies: int):
+    """A project whose train split is ``copies`` distinct copies of a quarter of tiny_run's, in row groups of 16
+    documents (the reader's memory follows the row groups, which the writer decides)."""
+    copy_upstream(tiny_run, root, "artifacts/tokenizer")
+    (root / "data" / "corpus").mkdir(parents=True)
+    documents = pq.read_table(tiny_run / "data" / "corpus" / "train.parquet")["sentences"].to_pylist()
+    documents = documents[:len(documents) // 4]
+    train = [[f"copy {c}: {s}" for s in d] if c else d for c in range(copies) for d in documents]
+    pq.write_table(pa.table({"sentences": train}), root / "data" / "corpus" / "train.parquet", row_group_size=16)
+    shutil.copy(tiny_run / "data" / "corpus" / "heldout.parquet", root / "data" / "corpus" / "heldout.parquet")
+    return root
+
+
+def peak_memory_mb(root) -> tuple[float, float]:
+    """(largest process's peak RSS, the process tree's peak summed RSS) of pretrain_data in a child process."""
+    figures = measure_stage("pretrain_data", REPO / "params.tiny.yaml", root, [
+        "pretrain_data.dupe_factor=1", "pretrain_data.shard_tokens=5000", "pretrain_data.num_proc=2"])
+    return figures["peak_rss_mb"], figures["peak_tree_rss_mb"]
+
+
+def test_peak_memory_does_not_grow_with_the_corpus(tiny_run, tmp_path):
+    """4× the corpus, the same peak memory (the whole-split version: about +150 MB in its largest process)."""
+    largest, tree = peak_memory_mb(corpus_copies(tiny_run, tmp_path / "x1", 1))
+    largest4, tree4 = peak_memory_mb(corpus_copies(tiny_run, tmp_path / "x4", 4))
+    assert largest4 - largest <= 20 and tree4 - tree <= 40, \
+        f"peak RSS of the largest process {largest} → {largest4} MB, of all {tree} → {tree4} MB at 4x the corpus"
 
 
 def test_a_split_of_one_document_is_a_clear_error(tiny):
