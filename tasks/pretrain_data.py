@@ -22,8 +22,9 @@ from another document of the same unit: as in google-research/bert, where ``crea
 on each input shard on its own, no step needs the whole corpus. Peak memory is bounded by the setting, not
 the corpus: at most ``num_proc + 1`` units are out at the workers, and the parent holds two more being cut;
 each worker holds one unit's text and token ids and one dupe's instances. A unit is whole documents, so it
-may exceed ``shard_tokens`` by one document; the labeled training texts (``include_labeled_train``) are read
-whole, as they are the task's data set and not the corpus.
+may exceed ``shard_tokens`` by one document; the reader holds one row group of the Parquet file at a time
+(as Arrow data: its size is the writer's choice); the labeled training texts (``include_labeled_train``) are
+read whole, as they are the task's data set and not the corpus.
 """
 
 from __future__ import annotations
