@@ -54,6 +54,8 @@ SCHEMA = pa.schema([
     ("masked_lm_positions", pa.list_(pa.int16())),
     ("masked_lm_ids", pa.list_(pa.int32())),
 ])
+
+
 # ---------------------------------------------------------------- work units
 
 # UTF-8 bytes of text per word piece, to cut units before they are tokenized: about 4.3 for English WordPiece
@@ -203,7 +205,7 @@ def run_units(units: Iterable, num_proc: int, work: Callable = run_unit) -> Iter
             yield pending.popleft().get()
 
 
-# ---------------------------------------------------------------- tokenizing and figures
+# ---------------------------------------------------------------- figures and reading
 
 
 def merge_counts(parts: list[Counter]) -> Counter:
