@@ -101,3 +101,30 @@ def read_column(path: Path, column: str, producer: str = "ingest") -> list:
     if not path.is_file():
         raise InputError(f"{path}: missing; run `bertflow {producer}` first")
     return pq.read_table(path, columns=[column])[column].to_pylist()
+
+
+def iter_column(path: Path, column: str, producer: str = "ingest", batch_rows: int = 256) -> Iterator:
+    """The values of one column of a stage's Parquet output, one row group at a time.
+
+    Memory follows the file's largest row group (as Arrow data) and ``batch_rows`` values (as Python objects),
+    not the file's size. Row groups are read one by one with ``read_row_group``: ``ParquetFile.iter_batches``
+    (pyarrow 25) reads ahead across the row groups, its Arrow memory growing with the file. The missing-file
+    check is made now, the reading when the result is iterated.
+    """
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise InputError(f"{path}: missing; run `bertflow {producer}` first")
+    reader = pq.ParquetFile(path)
+    return (value for index in range(reader.metadata.num_row_groups)
+            for value in _row_group_values(reader, index, column, batch_rows))
+
+
+def _row_group_values(reader, index: int, column: str, batch_rows: int) -> Iterator:
+    import pyarrow as pa
+
+    values = reader.read_row_group(index, columns=[column]).column(0)
+    for start in range(0, len(values), batch_rows):
+        yield from values.slice(start, batch_rows).to_pylist()
+    del values
+    pa.default_memory_pool().release_unused()  # Arrow's allocator otherwise keeps each group's pages for a while

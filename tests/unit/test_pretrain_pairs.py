@@ -108,12 +108,13 @@ def test_whole_word_masking_masks_whole_words():
             assert set(group) <= set(positions) or not set(group) & set(positions)
 
 
-def test_plan_units_cover_every_document_once_per_dupe():
-    documents = synthetic_documents(random.Random(3), 40)
-    units = plan_units(documents, "train", dupe_factor=3, shard_tokens=500, static=True)
-    for dupe in range(3):
-        covered = [i for u in units if u.dupe == dupe for i in range(u.start, u.stop)]
-        assert covered == list(range(40))
+def test_units_cover_every_document_once_per_dupe_in_order():
+    documents = [[f"doc {d} sentence {i}" for i in range(random.Random(d).randint(1, 6))] for d in range(40)]
+    units = list(plan_units(iter(documents), "train", dupes=3, shard_tokens=40, static=True))
+    assert [d for u in units for d in u.documents] == documents and len(units) > 5
+    assert [u.chunk for u in units] == list(range(len(units))) and all(len(u.documents) >= 2 for u in units)
+    names = {u.name(dupe) for u in units for dupe in range(u.dupes)}
+    assert len(names) == 3 * len(units)
 
 
 def test_class_weights_are_inverse_frequency():
