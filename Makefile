@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run run-checkpoint serve test test-fast lint bench bench-data
+.PHONY: setup run run-checkpoint serve test test-fast lint bench bench-data bench-scaling
 
 setup: $(STAMP)
 
@@ -58,3 +58,7 @@ bench: $(STAMP)
 
 bench-data: $(STAMP)
 	python benchmarks/data_stages.py
+
+# The data stages at 1x, 4x and 16x the default corpus: wall time and peak memory, the 100 GB projection.
+bench-scaling: $(STAMP)
+	python benchmarks/data_scaling.py

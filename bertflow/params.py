@@ -110,7 +110,8 @@ class PretrainDataParams(Section):
         "dynamic", description="static: masks stored in the shards; dynamic: the collator masks each epoch")
     random_seed: int = 12345
     num_proc: int = Field(2, ge=1, le=256)
-    shard_tokens: int = Field(2_000_000, ge=1000, description="source tokens per work unit / shard")
+    shard_tokens: int = Field(2_000_000, ge=1000, description="source tokens per work unit / shard, estimated from "
+                              "UTF-8 bytes (4 a token) as it streams; num_proc + 1 units in flight bound memory")
     include_labeled_train: bool = Field(
         False, description="also pretrain on the labeled training texts (task-adaptive MLM; labels unused)")
     labeled_rows_per_document: int = Field(8, ge=1, description="labeled texts grouped into one pseudo-document")
