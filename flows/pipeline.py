@@ -11,10 +11,14 @@ from the first changed stage on every stage goes through ``dvc repro``. After th
 outputs are pushed to the DVC remote and the dvc.lock of the run is logged to the MLflow run that
 registered the model.
 
-Reads: the project root's params.yaml (or ``params_file``, copied onto it) and dvc.yaml.
-Writes: what the stages write, ``.dvc/tmp/bertflow-pipeline.lock`` while it runs (one run at a
-time), the DVC remote, the MLflow run's ``dvc.lock`` artifact, a Prefect markdown artifact
-summarising the run and a Prefect link artifact to the run report (reports/report.html).
+Reads: the project root's params.yaml (or ``params_file``, copied onto it) and dvc.yaml; Prefect's own
+settings come from ``prefect.toml`` in the working directory (Prefect's rule), then the environment.
+Writes: what the stages write, ``.dvc/tmp/bertflow-pipeline.lock`` (a ``filelock`` lock) and
+``.dvc/tmp/bertflow-pipeline.holder`` (who holds it) while it runs (one run at a time), the DVC remote,
+the MLflow run's ``dvc.lock`` artifact, a Prefect markdown artifact summarising the run, table artifacts
+of the stages and the variants, a link artifact to the run report (reports/report.html), and the events
+``bertflow.model.registered``/``bertflow.model.promoted`` when register made a version (flows/publish.py).
+Every stage task has a timeout derived from the stage's budget in params.yaml (``stage_timeout``).
 
 With ``distributed.work_pool`` set, the training stages (pretrain, finetune) go to that Prefect
 work pool instead: the flow starts the ``bertflow-stage/<distributed.deployment>`` deployment for
@@ -24,45 +28,34 @@ configuration) runs the same ``dvc repro --single-item`` in the same project, so
 
     bertflow-flow run [--root .] [--params FILE] [--set finetune.learning_rate=5e-5 ...]
     bertflow-flow serve            # a deployment on the cron schedule of params.yaml's `schedule`
-    bertflow-flow deploy-training  # the stage deployment on params.yaml's `distributed.work_pool`
+    bertflow-flow deploy-training [--image REF] [--job-variable KEY=VALUE ...]
+                                   # the stage deployment on params.yaml's `distributed.work_pool`
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
-# Defaults for an offline machine and a SQLite-backed server; an explicit environment wins.
-PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
-    "PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS": "false",
-    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",  # SQLite "database is locked": wait instead of failing
-    "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "DVC_NO_ANALYTICS": "1",
-}
-for _key, _value in PREFECT_DEFAULTS.items():
-    os.environ.setdefault(_key, _value)
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import fcntl  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from bertflow import lifeline, outcome, stages, tracking  # noqa: E402
-from bertflow.paths import Paths  # noqa: E402
-from bertflow.summary import closing_text  # noqa: E402
-from bertflow.tracking import prefect_flow_run_id  # noqa: E402
+from bertflow import lifeline, outcome, stages, tracking
+from bertflow.paths import Paths
+from bertflow.summary import closing_text
+from bertflow.tracking import prefect_flow_run_id
+from flows import publish
 
 STAGES = stages.PIPELINE
 POOLED = stages.POOLED  # the stages a training work pool takes, when params name one
@@ -71,7 +64,17 @@ STAGE_FLOW = "bertflow-stage"
 # fails the same way every time. register retries the registry itself (register.retries, back-off).
 RETRIED = {"ingest": 2}
 LOCK_FILE = Path(".dvc") / "tmp" / "bertflow-pipeline.lock"
+HOLDER_FILE = LOCK_FILE.with_suffix(".holder")  # who holds the lock: filelock owns the lock file's content
 BIN = Path(sys.executable).parent
+# Task timeouts: a budget counts training time, and start-up, evaluations, checkpoints and saving come on top
+# (a busy machine stretches all of it), so a budgeted stage gets twice its budget and half an hour more. A
+# stage whose length no clock bounds (a step or epoch budget, or none) gets the ceiling, which only a hung
+# or runaway stage reaches.
+BUDGET_FACTOR = 2.0
+BUDGET_ALLOWANCE_SECONDS = 1800.0
+CEILING_SECONDS = 12 * 3600.0
+POOL_WAIT_SECONDS = 3600.0  # a stage on the work pool may wait this long for a worker to take it
+KILL_GRACE_SECONDS = 10.0  # from SIGTERM to SIGKILL for a stage's process group that ran past its timeout
 
 
 class PipelineBusy(RuntimeError):
@@ -101,18 +104,52 @@ def command_env(outcomes: Path | None = None) -> dict[str, str]:
     return env
 
 
-def stream(args: list[str], root: Path, logger, outcomes: Path | None = None) -> tuple[int, list[str]]:
-    """Run a command in ``root``, every output line into the task log; returns (exit code, lines)."""
+def stream(args: list[str], root: Path, logger, outcomes: Path | None = None,
+           timeout: float | None = None) -> tuple[int, list[str]]:
+    """Run a command in ``root``, every output line into the task log; returns (exit code, lines).
+
+    The command never outlives this call: when it is interrupted (Prefect's task timeout, a cancellation)
+    the command's process group is ended, and a watchdog ends it ``timeout`` seconds (plus a grace) after
+    its start even where Prefect's timeout cannot interrupt a blocking read (a task in a worker thread)."""
     # a stage runs in a process group of its own, which dies with this process (bertflow/lifeline.py)
     process = subprocess.Popen(args, cwd=root, env=command_env(outcomes), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=outcomes is not None)
+    watchdog = None
+    if timeout is not None:
+        watchdog = threading.Timer(timeout + KILL_GRACE_SECONDS, end_process, (process,))
+        watchdog.daemon = True
+        watchdog.start()
     lines = []
-    for line in process.stdout:
-        line = line.rstrip()
-        if line:
-            lines.append(line)
-            logger.info(line)
-    return process.wait(), lines
+    try:
+        for line in process.stdout:
+            line = line.rstrip()
+            if line:
+                lines.append(line)
+                logger.info(line)
+        return process.wait(), lines
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        end_process(process)
+
+
+def end_process(process: subprocess.Popen) -> None:
+    """SIGTERM to the command (its whole process group when it has one of its own), SIGKILL after a grace."""
+    if process.poll() is not None:
+        return
+    own_group = False
+    with contextlib.suppress(ProcessLookupError):
+        own_group = os.getpgid(process.pid) == process.pid
+
+    def send(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig) if own_group else process.send_signal(sig)
+    send(signal.SIGTERM)
+    try:
+        process.wait(timeout=KILL_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        process.wait()
 
 
 def dvc_error(lines: list[str]) -> str:
@@ -123,36 +160,63 @@ def dvc_error(lines: list[str]) -> str:
     return lines[-1] if lines else "no output"
 
 
+def finetune_runs(settings) -> int:
+    """How many models the finetune stage trains: the classifier and its random-init twin, per seed (the count
+    of tasks/finetune.py's ``planned_runs``, without importing torch into the flow)."""
+    return settings.seeds * (2 if settings.random_init_ablation else 1)
+
+
+def budget_seconds(stage: str, params) -> float | None:
+    """The stage's wall-clock training budget in seconds, all its runs together; None where no clock bounds it
+    (a step or epoch budget, or a stage without one)."""
+    if stage == "pretrain":
+        minutes = params.pretrain.budget_minutes
+    elif stage == "finetune":
+        minutes = params.finetune.budget_minutes and params.finetune.budget_minutes * finetune_runs(params.finetune)
+    elif stage == "lm_baselines":
+        lstm = params.lm_baselines.lstm
+        minutes = lstm.budget_minutes if lstm.enabled else None
+    else:
+        minutes = None
+    return None if minutes is None else minutes * 60.0
+
+
+def stage_timeout(stage: str, params) -> float:
+    """The task timeout of ``stage``: ``BUDGET_FACTOR`` × its budget + ``BUDGET_ALLOWANCE_SECONDS``, or the
+    ceiling when no clock bounds it. pretrain with ``budget_minutes: 20`` → 2 × 1200 + 1800 = 4200 s."""
+    budget = budget_seconds(stage, params)
+    return CEILING_SECONDS if budget is None else round(BUDGET_FACTOR * budget + BUDGET_ALLOWANCE_SECONDS, 1)
+
+
+def stage_timeouts(root: Path) -> dict[str, float]:
+    """Every stage's timeout from the project's params.yaml."""
+    from bertflow.params import load_params
+
+    params = load_params(root / "params.yaml")
+    return {stage: stage_timeout(stage, params) for stage in STAGES}
+
+
 @contextlib.contextmanager
 def pipeline_lock(root: Path, wait_seconds: float):
-    """One pipeline run per project at a time; a second waits ``wait_seconds``, then is refused."""
-    path = root / LOCK_FILE
+    """One pipeline run per project at a time; a second waits ``wait_seconds``, then is refused naming the holder."""
+    from filelock import FileLock, Timeout
+
+    path, holder = root / LOCK_FILE, root / HOLDER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
-    deadline = time.monotonic() + wait_seconds
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                handle.seek(0)
-                holder = handle.read().strip() or "unknown"
-                handle.close()
-                raise PipelineBusy(f"{path}: another pipeline run holds the lock ({holder}); this run stops "
-                                   "before touching data, dvc.lock or the registry") from None
-            time.sleep(1.0)
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}, flow run {prefect_flow_run_id()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
-    handle.flush()
+    lock = FileLock(path, timeout=wait_seconds)
     try:
+        lock.acquire(poll_interval=1.0)
+    except Timeout:
+        who = holder.read_text().strip() if holder.is_file() else ""
+        raise PipelineBusy(f"{path}: another pipeline run holds the lock ({who or 'unknown'}); this run stops "
+                           "before touching data, dvc.lock or the registry") from None
+    try:
+        holder.write_text(f"pid {os.getpid()}, flow run {prefect_flow_run_id()}, "
+                          f"since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
         yield
     finally:
-        handle.seek(0)
-        handle.truncate()
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        holder.unlink(missing_ok=True)
+        lock.release()
 
 
 def prepare_params(root: Path, params_file: str | None, overrides: dict[str, Any]) -> None:
@@ -249,22 +313,26 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=retry_unless_bad_input)
-def run_stage(stage: str, root: str) -> dict:
+def run_stage(stage: str, root: str, timeout: float | None = None) -> dict:
     """One stage through DVC: skipped when its deps, params and outs are unchanged.
 
     Whether it ran is read from dvc.lock (its entry changes exactly when DVC ran or restored it), and
     how it failed from the outcome record ``bertflow <stage>`` leaves (bertflow/outcome.py), not from
-    the wording of either tool's output.
+    the wording of either tool's output. ``timeout`` is the task's own (``stage_timeout``): the stage's
+    processes end with it.
     """
     logger = get_run_logger()
     project, started = Path(root), time.perf_counter()
     folder = outcomes_folder(project)
     before = lock_entry(project, stage)
     try:
-        code, lines = stream(["dvc", "repro", "--single-item", stage], project, logger, folder)
+        code, lines = stream(["dvc", "repro", "--single-item", stage], project, logger, folder, timeout)
         record = outcome.read_outcome(folder, stage)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    if code != 0 and timeout is not None and time.perf_counter() - started >= timeout:
+        raise TimeoutError(f"stage {stage} ran past its timeout of {timeout:g} s (stage_timeout: its budget in "
+                           "params.yaml) and was stopped")
     if code != 0:
         raise stage_failure(stage, record, lines)
     ran = lock_entry(project, stage) != before
@@ -344,6 +412,15 @@ def unchanged_stages(root: Path, logger) -> set[str]:
 
 
 @task(cache_policy=NO_CACHE)
+def announce_registration(root: str, before: dict) -> list[str]:
+    """The events of what register made (flows/publish.py): ``bertflow.model.registered``, and
+    ``bertflow.model.promoted`` for a new champion; none when its record names the version it named before."""
+    emitted = publish.emit_model_events(read_report(Path(root), "register"), before)
+    get_run_logger().info("events: %s", ", ".join(emitted) or "none (no new version)")
+    return emitted
+
+
+@task(cache_policy=NO_CACHE)
 def skip_stage(stage: str) -> dict:
     """A stage ``dvc status`` found unchanged, with nothing before it run in this flow run: no ``dvc repro``."""
     get_run_logger().info("stage %s skipped (nothing changed: dvc status)", stage)
@@ -360,15 +437,20 @@ def lock_entry(root: Path, stage: str) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def run_on_pool(stage: str, root: str, deployment: str) -> dict:
-    """Hand one stage to the training work pool and wait for it."""
+def run_on_pool(stage: str, root: str, deployment: str, timeout: float | None = None) -> dict:
+    """Hand one stage to the training work pool and wait for it, at most ``timeout`` seconds (the flow run
+    there is then cancelled); the worker's own run of the stage has the stage's timeout too."""
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
     before, started = lock_entry(Path(root), stage), time.perf_counter()
     name = f"{STAGE_FLOW}/{deployment}"
     logger.info("stage %s: handed to deployment %s", stage, name)
-    flow_run = run_deployment(name, parameters={"stage": stage, "root": root}, timeout=None)
+    flow_run = run_deployment(name, parameters={"stage": stage, "root": root}, timeout=timeout)
+    if not flow_run.state.is_final():
+        cancel_flow_run(flow_run.id)
+        raise TimeoutError(f"stage {stage} on deployment {name}: flow run {flow_run.name} did not end within "
+                           f"{timeout:g} s (its timeout and the wait for a worker); it was cancelled")
     if not flow_run.state.is_completed():
         raise StageFailed(f"stage {stage} on deployment {name}: flow run {flow_run.name} ended "
                           f"{flow_run.state.name}: {flow_run.state.message}")
@@ -377,19 +459,33 @@ def run_on_pool(stage: str, root: str, deployment: str) -> dict:
     return {"stage": stage, "ran": ran, "seconds": round(time.perf_counter() - started, 1), "flow_run": flow_run.name}
 
 
+def cancel_flow_run(flow_run_id) -> None:
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(message="the bertflow pipeline stopped waiting for it"),
+                                  force=True)
+
+
 @flow(name=STAGE_FLOW, log_prints=True)
 def stage_flow(stage: str, root: str) -> dict:
-    """One stage, on whichever worker of the training pool picked it up: the same ``dvc repro``."""
+    """One stage, on whichever worker of the training pool picked it up: the same ``dvc repro``, with the same
+    timeout (from the project's params.yaml)."""
     if stage not in POOLED:
         raise ValueError(f"{stage}: only {', '.join(POOLED)} run on a training work pool")
-    return run_stage(stage, root)
+    timeout = stage_timeouts(Path(root))[stage]
+    return run_stage.with_options(name=stage, timeout_seconds=timeout)(stage, root, timeout)
 
 
-def run_one(stage: str, root: str, work_pool: str | None, deployment: str) -> dict:
+def run_one(stage: str, root: str, work_pool: str | None, deployment: str, timeout: float) -> dict:
     """A stage here, or on the training work pool when params name one and the stage is a training stage."""
     if work_pool and stage in POOLED:
-        return run_on_pool.with_options(name=f"{stage}@{work_pool}")(stage, root, deployment)
-    return run_stage.with_options(name=stage, retries=RETRIED.get(stage, 0), retry_delay_seconds=15)(stage, root)
+        waited = timeout + POOL_WAIT_SECONDS
+        return run_on_pool.with_options(name=f"{stage}@{work_pool}", timeout_seconds=waited + KILL_GRACE_SECONDS)(
+            stage, root, deployment, waited)
+    return run_stage.with_options(name=stage, retries=RETRIED.get(stage, 0), retry_delay_seconds=15,
+                                  timeout_seconds=timeout)(stage, root, timeout)
 
 
 # ---------------------------------------------------------------- the flow
@@ -403,19 +499,23 @@ def pipeline(root: str = ".", params_file: str | None = None, overrides: dict[st
     with pipeline_lock(project, lock_wait_seconds):
         prepare_params(project, params_file, overrides or {})
         sync_dvc(str(project))
-        placement = training_placement(project)
+        placement, timeouts = training_placement(project), stage_timeouts(project)
         unchanged = unchanged_stages(project, get_run_logger())
+        registered_before = read_report(project, "register")  # the events name only a version new since
         outcomes = []
         for stage in STAGES:  # from the first stage that runs on, DVC decides each stage afresh
             if stage in unchanged and not any(o["ran"] for o in outcomes):
                 outcomes.append(skip_stage.with_options(name=stage)(stage))
-            else:
-                outcomes.append(run_one(stage, str(project), *placement))
+                continue
+            outcomes.append(run_one(stage, str(project), *placement, timeouts[stage]))
+            if stage == "register" and outcomes[-1]["ran"]:
+                announce_registration(str(project), registered_before)
         pushed = push_outputs(str(project))
         if any(o["stage"] == "register" and o["ran"] for o in outcomes):
             record_lock(str(project))
         create_markdown_artifact(key="bertflow-run-summary", markdown=summary_markdown(project, outcomes, pushed),
                                  description="bertflow pipeline run: stages, figures, registry decision, revisions")
+        publish.create_tables(outcomes, read_report(project, "optimize"), read_report(project, "register"))
         link_report(project)
     return outcomes
 
@@ -443,15 +543,50 @@ def training_placement(root: Path) -> tuple[str | None, str]:
     return settings.work_pool, settings.deployment
 
 
-def deploy_training(root: Path) -> str:
-    """Create (or update) the stage deployment on ``distributed.work_pool``; returns its name."""
+def parse_job_variables(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items as Prefect's own ``--job-variable`` reads them: VALUE as JSON, else as a string.
+
+    >>> parse_job_variables(['volumes=["/srv/p:/srv/p"]', "network_mode=host"])
+    {'volumes': ['/srv/p:/srv/p'], 'network_mode': 'host'}
+    """
+    variables = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"bertflow-flow: error: --job-variable {item!r}: expected KEY=VALUE, e.g. "
+                             "'volumes=[\"/srv/bertflow:/srv/bertflow\"]'")
+        try:
+            variables[key] = json.loads(value)
+        except ValueError:
+            variables[key] = value
+    return variables
+
+
+def deploy_training(root: Path, image: str | None = None, job_variables: dict[str, Any] | None = None) -> str:
+    """Create (or update) the stage deployment on ``distributed.work_pool``; returns its name.
+
+    ``image`` (a Docker, Kubernetes, ... pool: the image its jobs run, used as it is, neither built nor pushed)
+    and ``job_variables`` (the pool's base job template's variables: volumes, env, ...) are stored with the
+    deployment; the stage flow runs from ``root`` (the project, which a container sees through a volume)."""
     work_pool, deployment = training_placement(root)
     if not work_pool:
         raise SystemExit("bertflow-flow: error: params.yaml has no distributed.work_pool to deploy to")
     source = stage_flow.from_source(source=str(root), entrypoint="flows/pipeline.py:stage_flow")
-    source.deploy(name=deployment, work_pool_name=work_pool, tags=["bertflow"],
-                  description="one bertflow training stage (dvc repro --single-item) on a training worker")
+    try:
+        source.deploy(name=deployment, work_pool_name=work_pool, image=image, build=False, push=False,
+                      job_variables=job_variables or {}, tags=["bertflow"], print_next_steps=False,
+                      description="one bertflow training stage (dvc repro --single-item) on a training worker")
+    except ValueError as error:  # no such pool; an image for a pool without one (a process pool)
+        raise SystemExit(f"bertflow-flow: error: work pool {work_pool!r} (distributed.work_pool): {error}") from None
     return f"{STAGE_FLOW}/{deployment}"
+
+
+def settings_note(root: Path, cwd: Path) -> str | None:
+    """Why ``root``'s prefect.toml is not in effect, when it is not: Prefect reads the working directory's."""
+    if (root / "prefect.toml").is_file() and root.resolve() != cwd.resolve():
+        return (f"bertflow-flow: note: {root / 'prefect.toml'} is not read: Prefect reads prefect.toml from the "
+                f"working directory ({cwd}); run from {root} to use it")
+    return None
 
 
 def serve(root: Path) -> None:
@@ -478,8 +613,15 @@ def main(argv: list[str] | None = None) -> int:
     served.add_argument("--root", default=".")
     deployed = commands.add_parser("deploy-training", help="deploy the training stages to distributed.work_pool")
     deployed.add_argument("--root", default=".")
+    deployed.add_argument("--image", default=None, help="the image of a Docker/Kubernetes pool's jobs (not built)")
+    deployed.add_argument("--job-variable", action="append", default=[], metavar="KEY=VALUE", dest="job_variables",
+                          help="a job variable of the pool (VALUE as JSON, else a string), e.g. "
+                               "'volumes=[\"/srv/bertflow:/srv/bertflow\"]'")
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
+    note = settings_note(root, Path.cwd())
+    if note:
+        print(note, file=sys.stderr)
     if shutil.which("dvc", path=str(BIN)) is None and shutil.which("dvc") is None:
         print("bertflow-flow: error: dvc is not installed", file=sys.stderr)
         return 2
@@ -487,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(root)
         return 0
     if args.command == "deploy-training":
-        print(deploy_training(root))
+        print(deploy_training(root, args.image, parse_job_variables(args.job_variables)))
         return 0
     state = pipeline(root=str(root), params_file=args.params, overrides=parse_overrides(args.set),
                      return_state=True)

@@ -99,7 +99,8 @@ def project(tmp_path):
 def new_project(tmp_path: Path) -> Path:
     root = tmp_path / "project"
     root.mkdir()
-    shutil.copy(REPO / "dvc.yaml", root)
+    for name in ("dvc.yaml", "prefect.toml"):  # prefect.toml: Prefect's settings for processes started in the project
+        shutil.copy(REPO / name, root)
     for package in ("bertflow", "tasks", "flows"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     (root / "corpus").mkdir()

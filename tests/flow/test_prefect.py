@@ -277,3 +277,174 @@ def test_the_flow_skips_from_dvc_status_only_what_it_calls_unchanged(built, tmp_
     (tmp_path / "no-dvc").mkdir()
     assert unchanged_stages(tmp_path / "no-dvc", logger) == set()
     assert len(warnings) == 1 and warnings[0].startswith("dvc status failed")
+
+
+# ---------------------------------------------------------------- settings, timeouts, the lock (issue 21, point 7)
+
+
+def test_prefect_settings_come_from_prefect_toml_not_the_flow_module(project):
+    """Prefect reads the project's prefect.toml in a process started there; importing the flow module writes
+    nothing into the environment."""
+    env = {k: v for k, v in api_env("http://127.0.0.1:9/api", project.parent).items()
+           if not k.startswith("PREFECT_SERVER_")}
+    shown = sh(str(BIN / "prefect"), "config", "view", "--show-sources", cwd=project, env=env).stdout
+    assert "PREFECT_SERVER_DATABASE_TIMEOUT='60' (from prefect.toml)" in shown
+    assert "PREFECT_SERVER_ANALYTICS_ENABLED='False' (from prefect.toml)" in shown
+    written = api_call("import os; before = dict(os.environ); import flows.pipeline; "
+                       "print(sorted(k for k in os.environ if os.environ[k] != before.get(k)))", env)
+    assert written == "[]"
+
+    from flows.pipeline import settings_note
+
+    assert settings_note(project, project) is None
+    assert "is not read: Prefect reads prefect.toml from the working directory" in settings_note(project, BIN)
+
+
+def params_with(tmp_path: Path, overrides: dict):
+    from bertflow.params import load_params
+    from tests.conftest import tiny_params, write_params
+
+    return load_params(write_params(tmp_path, tiny_params(tmp_path)), overrides)
+
+
+def test_stage_timeouts_are_derived_from_the_budgets(tmp_path):
+    from flows.pipeline import CEILING_SECONDS, finetune_runs, stage_timeout
+    from tasks.finetune import planned_runs
+
+    minutes = {"pretrain.max_steps": None, "pretrain.budget_minutes": 20, "finetune.budget_minutes": 30,
+               "finetune.seeds": 2, "lm_baselines.lstm.max_steps": None, "lm_baselines.lstm.budget_minutes": 5}
+    params = params_with(tmp_path, minutes)
+    assert stage_timeout("pretrain", params) == 2 * 1200 + 1800  # twice the budget and half an hour
+    assert stage_timeout("finetune", params) == 2 * 4 * 1800 + 1800  # 2 seeds × (classifier + random-init twin)
+    assert stage_timeout("lm_baselines", params) == 2 * 300 + 1800
+    assert stage_timeout("evaluate", params) == CEILING_SECONDS  # no budget: the ceiling
+    no_ablation = params_with(tmp_path, {**minutes, "finetune.random_init_ablation": False, "finetune.seeds": 1})
+    assert stage_timeout("finetune", no_ablation) == 2 * 1800 + 1800
+    steps = params_with(tmp_path, {"lm_baselines.lstm.enabled": False})  # the tiny profile: steps and epochs
+    assert {stage_timeout(s, steps) for s in ("pretrain", "finetune", "lm_baselines")} == {CEILING_SECONDS}
+    for seeds, ablation in [(1, True), (3, True), (2, False)]:  # the count finetune itself plans
+        settings = params_with(tmp_path, {"finetune.seeds": seeds, "finetune.random_init_ablation": ablation})
+        assert finetune_runs(settings.finetune) == len(planned_runs(settings.finetune))
+
+
+def stage_processes(project: Path, stage: str) -> list[int]:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        command = process.info["cmdline"] or []
+        if stage in command and process.info["cwd"] == str(project):
+            found.append(process.pid)
+    return found
+
+
+def test_a_stage_past_its_timeout_is_stopped(built, prefect_api, monkeypatch):
+    """The derived timeout is the stage task's: an LSTM budget of 1.2 s (factor 1, no allowance) stops
+    lm_baselines, the task run ends TimedOut, the stage's processes are gone and DVC recorded nothing."""
+    import flows.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "BUDGET_FACTOR", 1.0)
+    monkeypatch.setattr(pipeline, "BUDGET_ALLOWANCE_SECONDS", 0.0)
+    monkeypatch.setattr(pipeline, "KILL_GRACE_SECONDS", 2.0)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project = set_params(built, [("lm_baselines", "lstm.max_steps", None),
+                                 ("lm_baselines", "lstm.budget_minutes", 0.02)])
+    sh("bertflow", "sync-dvc", cwd=project)
+    lock = (project / "dvc.lock").read_text()
+    started = time.time()
+    state = flow_state(project)
+    assert state.is_failed()
+    assert time.time() - started < 120
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[
+            state.state_details.flow_run_id])))
+    states = {run.name.rsplit("-", 1)[0]: run.state for run in runs}
+    assert states["lm_baselines"].name == "TimedOut", states["lm_baselines"]
+    assert "exceeded timeout of 1.2 second" in states["lm_baselines"].message
+    assert "tokenizer" in states and "pretrain_data" not in states  # the run stopped there
+    assert stage_processes(project, "lm_baselines") == []
+    assert (project / "dvc.lock").read_text() == lock
+    assert "lm_baselines:" in sh("dvc", "status", cwd=project).stdout  # still to run, and DVC's lock is free
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from flows.pipeline import pipeline_lock
+with pipeline_lock(Path(sys.argv[1]), 0):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_the_lock_names_its_holder_and_waits_for_it(tmp_path):
+    """A second process holds the lock: a run is refused at once naming it, or after waiting; once the holder
+    is killed (no release), the lock is free."""
+    import signal
+    import subprocess
+
+    from flows.pipeline import HOLDER_FILE, PipelineBusy, pipeline_lock
+
+    holder = subprocess.Popen([str(BIN / "python"), "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(PipelineBusy, match=rf"another pipeline run holds the lock \(pid {holder.pid}, "):
+            with pipeline_lock(tmp_path, 0):
+                pass
+        started = time.monotonic()
+        with pytest.raises(PipelineBusy, match=f"pid {holder.pid}"):
+            with pipeline_lock(tmp_path, 2):
+                pass
+        assert time.monotonic() - started >= 2
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with pipeline_lock(tmp_path, 5):
+        assert (tmp_path / HOLDER_FILE).read_text().startswith(f"pid {__import__('os').getpid()}, ")
+    assert not (tmp_path / HOLDER_FILE).exists()
+
+
+# ---------------------------------------------------------------- the training deployment on any pool (point 9)
+
+DEPLOYED = """
+import json, sys
+from prefect import get_client
+with get_client(sync_client=True) as client:
+    d = client.read_deployment_by_name(sys.argv[1])
+    print(json.dumps({"pool": d.work_pool_name, "job_variables": d.job_variables, "pull_steps": d.pull_steps}))
+"""
+
+
+def test_deploy_training_stores_image_and_job_variables(project, prefect_api, tmp_path):
+    """A Docker pool (made on the real server; no Docker daemon is needed to deploy to it): the image and the
+    job variables (the shared volume, the network, the environment) are the deployment's; the stage flow runs
+    from the project folder. An image for a process pool, or a malformed variable, is one clear error."""
+    env = api_env(prefect_api, tmp_path)
+    sh(str(BIN / "prefect"), "work-pool", "create", "docker-training", "--type", "docker", cwd=project, env=env)
+    set_param(project, "distributed", "work_pool", "docker-training")
+    set_param(project, "distributed", "deployment", "tiny-docker")
+    deploy = [str(BIN / "bertflow-flow"), "deploy-training", "--root", str(project)]
+    volume = f"{project}:{project}"
+    out = sh(*deploy, "--image", "registry.example/bertflow:1", "--job-variable", f'volumes=["{volume}"]',
+             "--job-variable", "network_mode=host", "--job-variable", 'env={"MLFLOW_TRACKING_URI": "http://m:5000"}',
+             cwd=project, env=env).stdout
+    assert "bertflow-stage/tiny-docker" in out
+    stored = json.loads(api_call(DEPLOYED, env, "bertflow-stage/tiny-docker"))
+    assert stored["pool"] == "docker-training"
+    assert stored["job_variables"] == {"image": "registry.example/bertflow:1", "volumes": [volume],
+                                       "network_mode": "host", "env": {"MLFLOW_TRACKING_URI": "http://m:5000"}}
+    assert str(project) in json.dumps(stored["pull_steps"])  # the stage flow runs in the project
+
+    sh(str(BIN / "prefect"), "work-pool", "create", "process-training", "--type", "process", cwd=project, env=env)
+    set_param(project, "distributed", "work_pool", "process-training")
+    refused = sh(*deploy, "--image", "registry.example/bertflow:1", cwd=project, env=env, check=False)
+    assert refused.returncode != 0 and "work pool 'process-training' (distributed.work_pool)" in refused.stderr
+    malformed = sh(*deploy, "--job-variable", "volumes", cwd=project, env=env, check=False)
+    assert malformed.returncode != 0 and "--job-variable 'volumes': expected KEY=VALUE" in malformed.stderr
+    sh(*deploy, "--job-variable", 'env={"OMP_NUM_THREADS": "4"}', cwd=project, env=env)  # a process pool's own
+    stored = json.loads(api_call(DEPLOYED, env, "bertflow-stage/tiny-docker"))
+    assert stored["pool"] == "process-training" and stored["job_variables"] == {"env": {"OMP_NUM_THREADS": "4"}}
