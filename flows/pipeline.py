@@ -305,7 +305,7 @@ def link_report(root: Path) -> None:
 def retry_unless_bad_input(task, task_run, state) -> bool:
     try:
         state.result()
-    except BadInput:
+    except (BadInput, TimeoutError):  # a stage past twice its budget would run past it again
         return False
     except Exception:  # noqa: BLE001 - anything else may be transient
         return True

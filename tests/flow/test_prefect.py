@@ -448,3 +448,27 @@ def test_deploy_training_stores_image_and_job_variables(project, prefect_api, tm
     sh(*deploy, "--job-variable", 'env={"OMP_NUM_THREADS": "4"}', cwd=project, env=env)  # a process pool's own
     stored = json.loads(api_call(DEPLOYED, env, "bertflow-stage/tiny-docker"))
     assert stored["pool"] == "process-training" and stored["job_variables"] == {"env": {"OMP_NUM_THREADS": "4"}}
+
+
+def test_a_pooled_stage_no_worker_takes_is_cancelled_at_its_timeout(built, prefect_api, tmp_path, monkeypatch):
+    """pretrain handed to a work pool without a worker: the flow waits the stage's timeout (here a 5 s ceiling
+    and no extra wait for a worker), cancels the pool's flow run and fails naming the stage."""
+    import flows.pipeline as pipeline
+    from tests.flow.conftest import pooled_runs
+
+    monkeypatch.setattr(pipeline, "CEILING_SECONDS", 5.0)  # the tiny profile's pretrain has a step budget
+    monkeypatch.setattr(pipeline, "POOL_WAIT_SECONDS", 0.0)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    env = api_env(prefect_api, tmp_path)
+    sh(str(BIN / "prefect"), "work-pool", "create", "idle-training", "--type", "process", cwd=built, env=env)
+    project = set_params(built, [("distributed", "work_pool", "idle-training"),
+                                 ("distributed", "deployment", "tiny-idle"), ("pretrain", "seed", 7)])
+    sh(str(BIN / "bertflow-flow"), "deploy-training", "--root", str(project), cwd=project, env=env)
+    lock = (project / "dvc.lock").read_text()
+    state = flow_state(project)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"stage pretrain on deployment bertflow-stage/tiny-idle: .* did not end "
+                                        r"within 5 s .* it was cancelled"):
+        state.result()
+    assert pooled_runs(env, "tiny-idle")[0][1] in ("CANCELLING", "CANCELLED")
+    assert (project / "dvc.lock").read_text() == lock
