@@ -7,10 +7,13 @@ softmax), timed by the optimize stage's own ``measure_speed``: batch-1 latency o
 sentences and texts/s in calls of 64, in rounds that take the sides in turn, each round starting
 one further along. Accuracy and macro-F1 are the optimize stage's figures (reports/optimize.json).
 
+Then, unless ``--skip-runtimes``, benchmarks/runtimes.py: ONNX Runtime's fusions fused vs unfused, torchao's
+int8 vs torch.ao's, on the same token ids (``benchmarks/results/runtimes.{json,md}``).
+
 Reads: ``artifacts/classifier``, ``artifacts/optimized/*``, ``data/labeled/test.parquet``,
 ``reports/optimize.json``. Writes: ``benchmarks/results/variants.{json,md}``.
 
-    python benchmarks/variants.py [--rounds 3] [--texts 300] [--threads 2]
+    python benchmarks/variants.py [--rounds 3] [--texts 300] [--threads 2] [--skip-runtimes]
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--texts", type=int, default=300, help="test sentences timed one at a time")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-runtimes", action="store_true", help="leave out benchmarks/runtimes.py")
     args = parser.parse_args()
     threads = tr.set_threads(args.threads)
     paths = Paths(REPO)
@@ -93,6 +97,10 @@ def main() -> None:
     result = {"machine": machine(), "texts": min(args.texts, len(texts)), "rounds": args.rounds, "threads": threads,
               "test_rows": len(texts), "sides": figures}
     write_results("variants", result, markdown(result))
+    if not args.skip_runtimes:
+        from benchmarks import runtimes
+
+        runtimes.run(rounds=max(args.rounds, 5), threads=threads, megatron=True)
 
 
 if __name__ == "__main__":
