@@ -16,7 +16,7 @@ from bertflow.compress import keep_fusion, layer_map, prunable
 from bertflow.io import InputError
 from bertflow.params import VARIANTS, load_params
 from bertflow.paths import Paths
-from bertflow.serving import open_model
+from bertflow.serving import OnnxRuntime, open_model, softmax
 from tasks.cli import run_stage
 from tests.conftest import REPO, copy_outputs
 
@@ -158,3 +158,26 @@ def test_keep_fusion_follows_the_setting_and_in_auto_the_clock_and_the_outputs()
     assert keep_fusion("auto", 2.0, 1.0, 1e-6, 1e-4)
     assert not keep_fusion("auto", 1.0, 2.0, 1e-6, 1e-4)  # slower
     assert not keep_fusion("auto", 2.0, 1.0, 1e-3, 1e-4)  # faster, but not the same answers
+
+
+def test_fusion_on_a_megatron_bert_export_keeps_its_outputs(tmp_path):
+    """MegatronBert (pre-LayerNorm, ``pretrain.architecture: megatron_bert``) matches fewer fusion patterns;
+    whatever fires must leave the probabilities as they were."""
+    from transformers import MegatronBertConfig, MegatronBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = MegatronBertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    model = MegatronBertForSequenceClassification(config).eval()
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    for folder in (plain, fused):
+        folder.mkdir()
+        compress.onnx_variant(model, tmp_path, folder, 17)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 200, (6, 20))
+    mask = (np.arange(20) < rng.integers(4, 21, (6, 1))).astype(np.int64)
+    fusion = compress.fuse_export(fused, config, "on", [(ids, mask)], 1e-4, 1, 1)
+    assert fusion["applied"] and fusion["fused_operators"] and fusion["max_abs_difference"] <= 1e-5
+    probabilities = [softmax(OnnxRuntime(folder, {"weights": "model.onnx"}, 1).logits(ids, mask))
+                     for folder in (plain, fused)]
+    assert np.abs(probabilities[0] - probabilities[1]).max() <= 1e-5
