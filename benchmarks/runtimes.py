@@ -8,6 +8,9 @@ Timed: the runtime alone (no tokenizer), batch-1 latency (p50) and rows/s at bat
 (each round times every side in turn, starting one further along). Equal outputs: the largest |Δ probability|
 over the rows between the two sides of a pair. Decides ``optimize.onnx_fusion: auto`` (see README).
 
+torchao is optional (``pip install torchao==0.18.0 --no-deps``, never another torch); without it its side is
+left out.
+
 Reads: params.yaml, params.tiny.yaml (and artifacts/classifier if present). Writes:
 ``benchmarks/results/runtimes.{json,md}``.
 

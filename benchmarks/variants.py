@@ -75,6 +75,11 @@ def markdown(result: dict) -> str:
                      f"{row['latency_p99_ms_b1']} | {row['throughput_b1']} | {row['throughput_b64']} | "
                      f"{row['throughput_b1'] / reference['throughput_b1']:.2f}× | "
                      f"{row['throughput_b1'] / rows['fp32']['throughput_b1']:.2f}× |")
+    for name, fusion in result.get("onnx_fusion", {}).items():
+        lines.append(f"\n{name}: ONNX Runtime fusions {'kept' if fusion['applied'] else 'not applied'} "
+                     f"(optimize.onnx_fusion: {fusion['setting']}" + (
+                         f"; probe {fusion['unfused_seconds']} s unfused, {fusion['fused_seconds']} s fused)"
+                         if "fused_seconds" in fusion else ")"))
     return "\n".join(lines) + "\n"
 
 
@@ -89,13 +94,16 @@ def main() -> None:
     paths = Paths(REPO)
     texts = read_split(paths, "test")[0]
     settings = OptimizeParams(latency_sentences=args.texts, rounds=args.rounds, num_threads=threads)
-    figures = measure_speed(sides(paths, threads), texts, settings)
+    found = sides(paths, threads)
+    figures = measure_speed(found, texts, settings)
+    fusion = {name: side.variant["fusion"] for name, side in found.items()
+              if "fusion" in getattr(side, "variant", {})}  # optimize.onnx_fusion's choice per ONNX form
     quality = read_json(paths.report("optimize"))["variants"] if paths.report("optimize").is_file() else {}
     for name, row in figures.items():
         if name in quality:
             row.update(accuracy=quality[name]["accuracy"], macro_f1=quality[name]["macro_f1"])
     result = {"machine": machine(), "texts": min(args.texts, len(texts)), "rounds": args.rounds, "threads": threads,
-              "test_rows": len(texts), "sides": figures}
+              "test_rows": len(texts), "sides": figures, "onnx_fusion": fusion}
     write_results("variants", result, markdown(result))
     if not args.skip_runtimes:
         from benchmarks import runtimes
