@@ -7,10 +7,13 @@ softmax), timed by the optimize stage's own ``measure_speed``: batch-1 latency o
 sentences and texts/s in calls of 64, in rounds that take the sides in turn, each round starting
 one further along. Accuracy and macro-F1 are the optimize stage's figures (reports/optimize.json).
 
+Then, unless ``--skip-runtimes``, benchmarks/runtimes.py: ONNX Runtime's fusions fused vs unfused, torchao's
+int8 vs torch.ao's, on the same token ids (``benchmarks/results/runtimes.{json,md}``).
+
 Reads: ``artifacts/classifier``, ``artifacts/optimized/*``, ``data/labeled/test.parquet``,
 ``reports/optimize.json``. Writes: ``benchmarks/results/variants.{json,md}``.
 
-    python benchmarks/variants.py [--rounds 3] [--texts 300] [--threads 2]
+    python benchmarks/variants.py [--rounds 3] [--texts 300] [--threads 2] [--skip-runtimes]
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ def markdown(result: dict) -> str:
                      f"{row['latency_p99_ms_b1']} | {row['throughput_b1']} | {row['throughput_b64']} | "
                      f"{row['throughput_b1'] / reference['throughput_b1']:.2f}× | "
                      f"{row['throughput_b1'] / rows['fp32']['throughput_b1']:.2f}× |")
+    for name, fusion in result.get("onnx_fusion", {}).items():
+        lines.append(f"\n{name}: ONNX Runtime fusions {'kept' if fusion['applied'] else 'not applied'} "
+                     f"(optimize.onnx_fusion: {fusion['setting']}" + (
+                         f"; probe {fusion['unfused_seconds']} s unfused, {fusion['fused_seconds']} s fused)"
+                         if "fused_seconds" in fusion else ")"))
     return "\n".join(lines) + "\n"
 
 
@@ -80,19 +88,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--texts", type=int, default=300, help="test sentences timed one at a time")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-runtimes", action="store_true", help="leave out benchmarks/runtimes.py")
     args = parser.parse_args()
     threads = tr.set_threads(args.threads)
     paths = Paths(REPO)
     texts = read_split(paths, "test")[0]
     settings = OptimizeParams(latency_sentences=args.texts, rounds=args.rounds, num_threads=threads)
-    figures = measure_speed(sides(paths, threads), texts, settings)
+    found = sides(paths, threads)
+    figures = measure_speed(found, texts, settings)
+    fusion = {name: side.variant["fusion"] for name, side in found.items()
+              if "fusion" in getattr(side, "variant", {})}  # optimize.onnx_fusion's choice per ONNX form
     quality = read_json(paths.report("optimize"))["variants"] if paths.report("optimize").is_file() else {}
     for name, row in figures.items():
         if name in quality:
             row.update(accuracy=quality[name]["accuracy"], macro_f1=quality[name]["macro_f1"])
     result = {"machine": machine(), "texts": min(args.texts, len(texts)), "rounds": args.rounds, "threads": threads,
-              "test_rows": len(texts), "sides": figures}
+              "test_rows": len(texts), "sides": figures, "onnx_fusion": fusion}
     write_results("variants", result, markdown(result))
+    if not args.skip_runtimes:
+        from benchmarks import runtimes
+
+        runtimes.run(rounds=max(args.rounds, 5), threads=threads, megatron=True)
 
 
 if __name__ == "__main__":

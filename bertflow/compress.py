@@ -11,6 +11,7 @@ every ``log_every`` steps.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import shutil
@@ -28,7 +29,7 @@ from bertflow.architectures import set_attention
 from bertflow.classification import Encoded
 from bertflow.io import InputError, write_json
 from bertflow.progress import Progress
-from bertflow.serving import VARIANT_FILE, quantize_int8
+from bertflow.serving import VARIANT_FILE, OnnxRuntime, quantize_int8, softmax
 
 log = logging.getLogger(__name__)
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -84,7 +85,8 @@ class LogitsOnly(torch.nn.Module):
 
 
 def onnx_variant(model: PreTrainedModel, source: Path, folder: Path, opset: int) -> Path:
-    """Export with dynamic batch and sequence axes (the TorchScript exporter; eager attention)."""
+    """Export with dynamic batch and sequence axes (the TorchScript exporter; eager attention), unfused; the
+    stage then applies ``fuse_export`` and describes the variant again with the fusion's figures."""
     exported = copy.deepcopy(model).eval()
     set_attention(exported, "eager")
     example = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
@@ -99,20 +101,96 @@ def onnx_variant(model: PreTrainedModel, source: Path, folder: Path, opset: int)
     return describe(folder, "onnx", "onnxruntime", "model.onnx")
 
 
-def onnx_int8_variant(onnx_folder: Path, folder: Path) -> Path:
-    """ONNX Runtime's dynamic quantization of the exported graph (int8 weights, MatMul → MatMulInteger)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+@contextlib.contextmanager
+def quiet_onnxruntime_tools():
+    """ONNX Runtime's Python tools log every tensor they leave alone, and advice, at INFO/WARNING."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)  # it logs every tensor it leaves in fp32, and advice, at INFO/WARNING
+    root.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(str(onnx_folder / "model.onnx"), str(folder / "model.onnx"), weight_type=QuantType.QInt8)
+        yield
     finally:
         root.setLevel(level)
+
+
+def fuse_onnx(source: Path, target: Path, config: PretrainedConfig) -> dict[str, int]:
+    """ONNX Runtime's transformer fusions (``onnxruntime.transformers.optimizer``, model type bert) on an
+    exported graph: Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu where the graph's
+    pattern matches (MegatronBert's pre-LayerNorm blocks match fewer). Python fusions only (``opt_level=0``):
+    the graph stays portable, ONNX Runtime still applies its own optimizations when a session opens it.
+    Returns {fused operator: count} (the ones that fired)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with quiet_onnxruntime_tools():
+        fused = optimize_model(str(source), model_type="bert", num_heads=config.num_attention_heads,
+                               hidden_size=config.hidden_size, opt_level=0)
+        fused.save_model_to_file(str(target))
+    return {name: count for name, count in fused.get_fused_operator_statistics().items() if count}
+
+
+FUSED_ONNX = "model.fused.onnx"
+
+
+def keep_fusion(setting: str, unfused_seconds: float, fused_seconds: float, difference: float,
+                tolerance: float) -> bool:
+    """``on``/``off`` as said; ``auto`` keeps the fused graph where it is faster and computes the same
+    probabilities (within ``tolerance``). ``on`` still meets the stage's tolerance check against PyTorch."""
+    if setting != "auto":
+        return setting == "on"
+    return difference <= tolerance and fused_seconds < unfused_seconds
+
+
+def time_graphs(folder: Path, names: list[str], batches: list[tuple[np.ndarray, np.ndarray]], rounds: int,
+                threads: int | None) -> tuple[dict[str, float], float]:
+    """Seconds of ``rounds`` interleaved passes over ``batches`` (ids, mask) for each graph in ``folder``, as
+    served (``OnnxRuntime``), and the largest |Δ probability| between the first two graphs."""
+    sessions = {name: OnnxRuntime(folder, {"weights": name}, threads) for name in names}
+    outputs = {name: [softmax(session.logits(*batch)) for batch in batches] for name, session in sessions.items()}
+    difference = max(float(np.abs(a - b).max()) for a, b in zip(outputs[names[0]], outputs[names[1]], strict=True))
+    seconds = dict.fromkeys(names, 0.0)
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            started = time.perf_counter()
+            for batch in batches:
+                sessions[name].logits(*batch)
+            seconds[name] += time.perf_counter() - started
+    return seconds, difference
+
+
+def fuse_export(folder: Path, config: PretrainedConfig, setting: str, batches: list, tolerance: float,
+                rounds: int, threads: int | None) -> dict:
+    """Apply ``optimize.onnx_fusion`` to ``folder/model.onnx``: the graph kept is left as ``model.onnx`` (so
+    the int8 form quantizes it: fuse, then quantize) and the figures behind the choice are returned for
+    ``variant.json``. ``auto`` times both graphs on ``batches`` (the test split's texts) in interleaved rounds."""
+    if setting == "off":
+        return {"setting": "off", "applied": False}
+    graph = folder / "model.onnx"
+    fired = fuse_onnx(graph, folder / FUSED_ONNX, config)
+    seconds, difference = time_graphs(folder, ["model.onnx", FUSED_ONNX], batches, rounds, threads)
+    applied = keep_fusion(setting, seconds["model.onnx"], seconds[FUSED_ONNX], difference, tolerance)
+    if applied:
+        (folder / FUSED_ONNX).replace(graph)
+    else:
+        (folder / FUSED_ONNX).unlink()
+    return {"setting": setting, "applied": applied, "fused_operators": fired,
+            "unfused_seconds": round(seconds["model.onnx"], 4), "fused_seconds": round(seconds[FUSED_ONNX], 4),
+            "max_abs_difference": difference}
+
+
+def onnx_int8_variant(onnx_folder: Path, folder: Path, weights: str = "model.onnx", **extra) -> Path:
+    """ONNX Runtime's dynamic quantization of the exported graph (int8 weights, MatMul → MatMulInteger,
+    a fused Attention → QAttention). ``weights``: the graph in ``onnx_folder`` to quantize (the fused one
+    where fusion was kept: ONNX Runtime's documented order is fuse, then quantize); ``extra`` goes into
+    ``variant.json``."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with quiet_onnxruntime_tools():  # shape inference does not type the fused ops' (com.microsoft) outputs: fp32
+        quantize_dynamic(str(onnx_folder / weights), str(folder / "model.onnx"), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
     shutil.copy(onnx_folder / "config.json", folder / "config.json")
     copy_tokenizer(onnx_folder, folder)
-    return describe(folder, "onnx_int8", "onnxruntime", "model.onnx")
+    return describe(folder, "onnx_int8", "onnxruntime", "model.onnx", **extra)
 
 
 # ---------------------------------------------------------------- training loop shared by distillation and pruning

@@ -379,6 +379,9 @@ class OptimizeParams(Section):
     variants: list[Literal[VARIANTS]] = Field(list(VARIANTS), description=f"which of {', '.join(VARIANTS)}")
     onnx_opset: int = Field(17, ge=13)
     onnx_tolerance: float = Field(1e-4, gt=0, description="largest |ONNX - PyTorch| probability allowed (fp32)")
+    onnx_fusion: Literal["auto", "on", "off"] = Field(
+        "auto", description="ONNX Runtime's transformer fusions on the onnx/onnx_int8 graphs; auto: kept where "
+                            "faster on the test texts at equal outputs (onnx_tolerance)")
     distill: DistillParams = DistillParams()
     prune: PruneParams = PruneParams()
     latency_sentences: int = Field(300, ge=10, description="test sentences timed one at a time (batch 1)")

@@ -4,7 +4,8 @@ Reads: ``artifacts/classifier`` (the teacher / reference), ``artifacts/pretraine
 starting weights), ``data/labeled/{train,test}.parquet`` + ``labels.json``, and
 ``data/corpus/train.parquet`` when the student also learns from unlabeled corpus sentences.
 Writes: ``artifacts/optimized/<variant>/`` for each of ``optimize.variants`` (int8, onnx,
-onnx_int8, student, pruned; see bertflow/compress.py), the training curves
+onnx_int8, student, pruned; see bertflow/compress.py; the ONNX forms with ONNX Runtime's transformer
+fusions where ``optimize.onnx_fusion`` keeps them, recorded in their ``variant.json``), the training curves
 ``reports/optimize/{distill,prune}.csv`` and ``reports/optimize.json``: per variant accuracy,
 macro-F1, p50/p99 latency at batch 1, throughput at batch 1 and 64, weights on disk, and ratios
 to the fp32 classifier. Run: ``bertflow optimize``.
@@ -166,11 +167,12 @@ def build_one(name: str, teacher, tokenizer, params: OptimizeParams, paths: Path
     if name == "int8":
         compress.quantized_variant(teacher, source, folder)
     elif name == "onnx":
-        compress.onnx_variant(teacher, source, folder, params.onnx_opset)
+        return {"fusion": onnx_export(teacher, tokenizer, params, paths, folder)}
     elif name == "onnx_int8":
-        if not (export / "model.onnx").is_file():
-            compress.onnx_variant(teacher, source, export, params.onnx_opset)
-        compress.onnx_int8_variant(export, folder)
+        fusion = read_json(export / compress.VARIANT_FILE).get("fusion") if (export / "model.onnx").is_file() \
+            else onnx_export(teacher, tokenizer, params, paths, export)
+        compress.onnx_int8_variant(export, folder, fusion=fusion)
+        return {"fusion": fusion}
     elif name == "student":
         data, logits, rows = distillation_data(teacher, tokenizer, paths, params)
         weights, layers = student_init(params, paths, teacher)
@@ -187,6 +189,26 @@ def build_one(name: str, teacher, tokenizer, params: OptimizeParams, paths: Path
         compress.save_variant(pruned, source, folder)
         return summary
     return {}
+
+
+def probe_batches(tokenizer, paths: Paths, params: OptimizeParams) -> list[tuple[np.ndarray, np.ndarray]]:
+    """What ``optimize.onnx_fusion: auto`` times the graphs on: 16 test texts one at a time and the first
+    ``throughput_batch_size`` together (ids, mask as int64 arrays)."""
+    texts = read_split(paths, "test")[0][: params.throughput_batch_size]
+    data = encode(tokenizer, texts, [0] * len(texts), params.max_seq_length)
+    batches = [data.batch([i], tokenizer.pad_token_id) for i in range(min(16, len(texts)))]
+    batches.append(data.batch(list(range(len(texts))), tokenizer.pad_token_id))
+    return [(batch["input_ids"].numpy(), batch["attention_mask"].numpy()) for batch in batches]
+
+
+def onnx_export(teacher, tokenizer, params: OptimizeParams, paths: Paths, folder: Path) -> dict:
+    """The ONNX export with ``optimize.onnx_fusion`` applied; its ``variant.json`` records the fusion."""
+    compress.onnx_variant(teacher, paths.classifier, folder, params.onnx_opset)
+    fusion = compress.fuse_export(folder, teacher.config, params.onnx_fusion, probe_batches(tokenizer, paths, params),
+                                  params.onnx_tolerance, params.rounds + 2, params.num_threads)
+    log.info("optimize onnx: fusion %s (%s)", "kept" if fusion["applied"] else "not applied", fusion)
+    compress.describe(folder, "onnx", "onnxruntime", "model.onnx", fusion=fusion)
+    return fusion
 
 
 class ExportMismatch(InputError):

@@ -1,20 +1,22 @@
-"""Stage optimize (tiny profile): every variant built, measured and loadable; ONNX agrees with PyTorch;
+"""Stage optimize (tiny profile): every variant built, measured and loadable; ONNX agrees with PyTorch, fused or not;
 distillation learns; pruning reaches its sparsity; a failing check leaves what was built."""
 
 import csv
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from transformers import BertForSequenceClassification
 
+from bertflow import compress
 from bertflow.classification import read_split
-from bertflow.compress import layer_map, prunable
+from bertflow.compress import keep_fusion, layer_map, prunable
 from bertflow.io import InputError
 from bertflow.params import VARIANTS, load_params
 from bertflow.paths import Paths
-from bertflow.serving import open_model
+from bertflow.serving import OnnxRuntime, open_model, softmax
 from tasks.cli import run_stage
 from tests.conftest import REPO, copy_outputs
 
@@ -103,3 +105,79 @@ def test_an_onnx_export_outside_tolerance_fails_and_keeps_what_was_built(tiny_op
 def test_optimize_without_a_classifier_names_the_missing_stage(tmp_path):
     with pytest.raises(InputError, match="artifacts/classifier: no classifier; run `bertflow finetune` first"):
         run_stage("optimize", REPO / "params.tiny.yaml", tmp_path)
+
+
+def test_fused_onnx_graph_computes_the_unfused_probabilities(tiny_optimized, tmp_path):
+    """ONNX Runtime's transformer fusions (tiny BERT: Attention, SkipLayerNormalization, ...) change the graph,
+    not its answers: the fused graph's probabilities equal the unfused export's within optimize.onnx_tolerance
+    at any batch and length, and the int8 form quantizes the fused graph (QAttention)."""
+    tolerance = load_params(REPO / "params.tiny.yaml").optimize.onnx_tolerance
+    classifier = tiny_optimized / "artifacts" / "classifier"
+    teacher = BertForSequenceClassification.from_pretrained(str(classifier)).eval()
+    unfused, fused, quantized = tmp_path / "unfused", tmp_path / "fused", tmp_path / "fused_int8"
+    for folder in (unfused, fused, quantized):
+        folder.mkdir()
+    for folder in (unfused, fused):
+        compress.onnx_variant(teacher, classifier, folder, 17)
+    texts, _ = read_split(Paths(tiny_optimized), "test")
+    texts = texts[:100] + ["word " * 300]
+    batches = [(np.array([[2, 7, 9, 3]]), np.ones((1, 4), dtype=np.int64))]
+    fusion = compress.fuse_export(fused, teacher.config, "on", batches, tolerance, 1, 1)
+    assert fusion["applied"] and fusion["fused_operators"]["Attention"] == teacher.config.num_hidden_layers
+    assert {"Attention", "SkipLayerNormalization"} <= {n.op_type for n in onnx.load(fused / "model.onnx").graph.node}
+    assert not (fused / compress.FUSED_ONNX).exists()
+    compress.onnx_int8_variant(fused, quantized, fusion=fusion)
+    assert "QAttention" in {n.op_type for n in onnx.load(quantized / "model.onnx").graph.node}
+    plain, fast = open_model(unfused), open_model(fused)
+    for batch_size in (1, 7, 64):
+        assert np.abs(plain.score(texts, batch_size) - fast.score(texts, batch_size)).max() <= tolerance, batch_size
+    assert np.abs(plain.score(texts) - open_model(quantized).score(texts)).max() < 0.1  # int8: close, not equal
+    assert json.loads((quantized / "variant.json").read_text())["fusion"]["applied"] is True
+
+
+def test_the_onnx_variants_record_the_fusion_setting_and_the_figures_behind_it(tiny_optimized, tmp_path):
+    optimized = tiny_optimized / "artifacts" / "optimized"
+    auto = json.loads((optimized / "onnx" / "variant.json").read_text())["fusion"]
+    assert auto["setting"] == "auto" and isinstance(auto["applied"], bool)
+    assert auto["max_abs_difference"] <= load_params(REPO / "params.tiny.yaml").optimize.onnx_tolerance
+    assert auto["applied"] == (auto["fused_seconds"] < auto["unfused_seconds"])  # auto: kept where faster
+    assert json.loads((optimized / "onnx_int8" / "variant.json").read_text())["fusion"] == auto  # fuse, then quantize
+    assert report(tiny_optimized)["variants"]["onnx"]["build"]["fusion"] == auto
+    root = copy_outputs(tiny_optimized, tmp_path / "project")
+    for setting in ("on", "off"):
+        run_stage("optimize", REPO / "params.tiny.yaml", root,
+                  {"optimize.variants": ["onnx_int8"], "optimize.onnx_fusion": setting, "optimize.rounds": 1})
+        fusion = json.loads((root / "artifacts" / "optimized" / "onnx_int8" / "variant.json").read_text())["fusion"]
+        assert fusion["setting"] == setting and fusion["applied"] is (setting == "on")
+        graph = onnx.load(root / "artifacts" / "optimized" / "onnx_int8" / "model.onnx")
+        assert ("QAttention" in {n.op_type for n in graph.graph.node}) is (setting == "on")
+
+
+def test_keep_fusion_follows_the_setting_and_in_auto_the_clock_and_the_outputs():
+    assert keep_fusion("on", 1.0, 2.0, 1.0, 1e-4) and not keep_fusion("off", 2.0, 1.0, 0.0, 1e-4)
+    assert keep_fusion("auto", 2.0, 1.0, 1e-6, 1e-4)
+    assert not keep_fusion("auto", 1.0, 2.0, 1e-6, 1e-4)  # slower
+    assert not keep_fusion("auto", 2.0, 1.0, 1e-3, 1e-4)  # faster, but not the same answers
+
+
+def test_fusion_on_a_megatron_bert_export_keeps_its_outputs(tmp_path):
+    """MegatronBert (pre-LayerNorm, ``pretrain.architecture: megatron_bert``) matches fewer fusion patterns;
+    whatever fires must leave the probabilities as they were."""
+    from transformers import MegatronBertConfig, MegatronBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = MegatronBertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    model = MegatronBertForSequenceClassification(config).eval()
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    for folder in (plain, fused):
+        folder.mkdir()
+        compress.onnx_variant(model, tmp_path, folder, 17)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 200, (6, 20))
+    mask = (np.arange(20) < rng.integers(4, 21, (6, 1))).astype(np.int64)
+    fusion = compress.fuse_export(fused, config, "on", [(ids, mask)], 1e-4, 1, 1)
+    assert fusion["applied"] and fusion["fused_operators"] and fusion["max_abs_difference"] <= 1e-5
+    probabilities = [softmax(OnnxRuntime(folder, {"weights": "model.onnx"}, 1).logits(ids, mask))
+                     for folder in (plain, fused)]
+    assert np.abs(probabilities[0] - probabilities[1]).max() <= 1e-5
