@@ -148,6 +148,53 @@ def test_raw_inputs_come_back_from_the_remote_and_a_changed_source_is_imported_b
     assert repro(project, "ingest") == ["ingest"]
 
 
+def test_restore_brings_back_the_inputs_a_recorded_run_read(tmp_path):
+    """``bertflow restore`` of a run whose ingest read the corpus before its source moved on (and ``dvc update``
+    imported the change): the import's .dvc file is pointed back at the recorded version and the files come back
+    from the remote (the local cache lost them), with ``dvc status`` clean for the import and ingest. The run's
+    restore data are recorded in the project's real MLflow store as the register stage records them."""
+    from bertflow import tracking
+    from bertflow.paths import Paths
+    from tests.flow.conftest import repro, write_docs
+
+    project, source = imported_project(tmp_path)
+    assert repro(project, "ingest") == ["ingest"]
+    sh("dvc", "push", cwd=project)
+    original = (project / "data" / "raw" / "corpus" / "a.txt").read_text()
+    recorded = (project / "data" / "raw" / "corpus.dvc").read_text()
+    client = mlflow_client(project)
+    experiment = client.create_experiment("restore-inputs", artifact_location=(project / "mlruns" / "a").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    tracking.log_restore_data(client, run_id, Paths(project))
+    commit_all(project, "ingest's outputs")
+
+    write_docs(source / "corpus", "b.txt", 100, 3)
+    sh("dvc", "update", "data/raw/corpus.dvc", cwd=project)
+    assert repro(project, "ingest") == ["ingest"]
+    commit_all(project, "the source moved on")
+    evict(project, yaml.safe_load(recorded)["outs"][0]["md5"])  # the old corpus is left on the remote only
+
+    restored = sh("bertflow", "restore", f"runs:/{run_id}", cwd=project)
+    assert "raw inputs: data/raw/corpus.dvc pointed back at the versions the run read" in restored.stdout
+    assert "data/raw/corpus fetched from the remote" in restored.stdout, restored.stdout
+    assert sorted(p.name for p in (project / "data" / "raw" / "corpus").iterdir()) == ["a.txt"]
+    assert (project / "data" / "raw" / "corpus" / "a.txt").read_text() == original
+    assert yaml.safe_load((project / "data" / "raw" / "corpus.dvc").read_text()) == yaml.safe_load(recorded)
+    status = sh("dvc", "status", "data/raw/corpus.dvc", "ingest", cwd=project).stdout
+    assert "up to date" in status, status
+
+
+def evict(project: Path, dir_md5: str) -> None:
+    """Take a folder's version (its .dir object and every file it lists) out of the project's DVC cache."""
+    def object_path(md5: str) -> Path:
+        return project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+
+    listing = object_path(dir_md5)
+    for entry in json.loads(listing.read_text()):
+        object_path(entry["md5"]).unlink()
+    listing.unlink()
+
+
 def test_inputs_outside_the_project_are_named_and_hf_sources_are_not(tmp_path):
     """sync's inputs part: a source outside the project is only hashed by DVC, so the flow names it; an import under
     data/raw/ and an hf: source (a param with its pinned revision) are not named."""
