@@ -52,10 +52,19 @@ def imports(root: Path) -> list[str]:
 
 
 def uncached_outputs(root: Path) -> list[str]:
-    """Every ``cache: false`` output dvc.yaml declares (reports, curves; not persisted checkpoints)."""
-    from bertflow import stages, tracking
+    """Every ``cache: false`` output dvc.yaml declares, the persisted reports of register and report included, but
+    not the resume checkpoints under artifacts/ (large, and never part of what a run is): the files that neither
+    ``dvc checkout`` nor the DVC cache bring back."""
+    import yaml
 
-    return tracking.uncached_outputs(root / "dvc.yaml", tuple(stage.name for stage in stages.STAGES))
+    document = yaml.safe_load((root / "dvc.yaml").read_text()) if (root / "dvc.yaml").is_file() else {}
+    found = []
+    for entry in (document.get("stages") or {}).values():
+        for item in [item for kind in ("outs", "metrics", "plots") for item in entry.get(kind) or []]:
+            path, options = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+            if (options or {}).get("cache") is False and not str(path).startswith("artifacts/"):
+                found.append(str(path))
+    return found
 
 
 # ---------------------------------------------------------------- commands (edges)
