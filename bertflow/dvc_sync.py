@@ -5,7 +5,9 @@
   stage, and ``tasks/<stage>.py``, with every project module they import, lazily or not, and the
   packages' ``__init__.py``), after its data deps;
 - ingest's data deps: every local corpus source and labeled file of params.yaml, relative to the
-  dvc.yaml folder as written (a symbolic link on the way is kept, not resolved);
+  dvc.yaml folder as written (a symbolic link on the way is kept, not resolved); those under data/raw/ are
+  ``dvc import-url`` copies, versioned in the DVC cache, and ``unversioned_inputs`` names the ones outside
+  the project, which DVC only hashes;
 - each stage's ``params`` (the sections it reads);
 - ``persist: true`` on the outputs of stages with side effects (register, report): DVC never restores
   such a stage from its run-cache, so an old params value calls MLflow again;
@@ -105,6 +107,13 @@ def data_deps(params: IngestParams, dvc_dir: Path) -> list[str]:
     paths = [source.path for source in params.corpus.sources if not source.is_hf]
     paths += [p for p in (params.labeled.train, params.labeled.dev, params.labeled.test) if p]
     return relative(paths, dvc_dir)
+
+
+def unversioned_inputs(params: IngestParams, dvc_dir: Path) -> list[str]:
+    """The local sources and labeled files outside the project: DVC hashes them as deps but never caches them,
+    so neither ``dvc pull`` nor ``dvc exp apply`` can bring an old version back (``dvc import-url`` them into
+    data/raw/ instead). ``hf:`` sources are params (a pinned revision), not files."""
+    return [path for path in data_deps(params, dvc_dir) if path == ".." or path.startswith("../")]
 
 
 def relative(paths: list[str], dvc_dir: Path) -> list[str]:

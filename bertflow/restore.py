@@ -7,16 +7,18 @@ registry (``$MLFLOW_TRACKING_URI``, else params.yaml's ``register.tracking_uri``
 keeps out of the DVC cache (reports, curves); then the DVC cache, else the default DVC remote.
 Writes, in the project: ``params.yaml``; ``dvc.lock`` with the recorded entries of every stage before
 register (register's and report's are left out: they run after the version is made, and DVC cannot bring
-back their side effects); the cached outputs of those stages, by ``dvc checkout`` (after ``dvc fetch`` of
-what the cache lacks); the uncached reports, from the run. Each file is written whole (temporary file, then
-rename). It then asks ``dvc status`` whether the outputs match dvc.lock, and prints what it restored and the
-git commit of the code (``git checkout`` it for the code too).
+back their side effects); each raw input imported under data/raw (``<name>.dvc``, ``dvc import-url``)
+pointed back at the version ingest read (the hash dvc.lock recorded for it); the cached outputs of those
+stages and the inputs, by ``dvc checkout`` (after ``dvc fetch`` of what the cache lacks); the uncached
+reports, from the run. Each file is written whole (temporary file, then rename). It then asks ``dvc status``
+whether the outputs match dvc.lock, and prints what it restored and the git commit of the code (``git
+checkout`` it for the code too).
 
-It overwrites the work tree's dvc.lock and params.yaml, so it refuses when git does not hold them as they are
-(uncommitted changes, or no git checkout) unless ``--force``. Refusals exit 2 with one line naming the thing
-at fault and change nothing (``RestoreError``): a bad URI, an unknown version or run, a registry that does not
-answer, a version registered before restore data was recorded, a project that is not a DVC repository,
-outputs that are in neither the DVC cache nor the remote (named).
+It overwrites the work tree's dvc.lock, params.yaml and import files, so it refuses when git does not hold
+them as they are (uncommitted changes, or no git checkout) unless ``--force``. Refusals exit 2 with one line
+naming the thing at fault and change nothing (``RestoreError``): a bad URI, an unknown version or run, a
+registry that does not answer, a version registered before restore data was recorded, a project that is not
+a DVC repository, outputs that are in neither the DVC cache nor the remote (named).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from bertflow import stages, tracking
+from bertflow import experiments, stages, tracking
 from bertflow.paths import Paths
 
 RESTORED_STAGES = stages.before("register")  # what a version is built from; register and report come after
@@ -92,6 +94,29 @@ def restored_lock(text: str) -> str:
     entries = lock.get("stages") or {}
     lock["stages"] = {name: entry for name, entry in entries.items() if name in RESTORED_STAGES}
     return yaml.safe_dump(lock, sort_keys=False)
+
+
+def input_versions(lock_text: str) -> dict[str, dict]:
+    """``{path: {md5, size, nfiles}}`` of the ingest deps a recorded dvc.lock names (the raw inputs it read)."""
+    entry = ((yaml.safe_load(lock_text) or {}).get("stages") or {}).get("ingest") or {}
+    return {dep["path"]: dep for dep in entry.get("deps") or [] if "path" in dep and "md5" in dep}
+
+
+def pointed_back(document: dict, folder: str, versions: dict[str, dict]) -> bool:
+    """An import's .dvc document set to the version ``versions`` has for its output (its source dep too: an
+    import's copy hashes as its source did); False when it already is, or the run did not read it."""
+    out = (document.get("outs") or [{}])[0]
+    recorded = versions.get(Path(folder, str(out.get("path", ""))).as_posix())
+    if recorded is None or recorded["md5"] == out.get("md5"):
+        return False
+    for entry in [out, *(document.get("deps") or [])[:1]]:
+        for key in ("md5", "size", "nfiles"):
+            if key in recorded:
+                entry[key] = recorded[key]
+            else:
+                entry.pop(key, None)
+    document.pop("md5", None)  # the stage's own checksum, computed anew (stage_checksum)
+    return True
 
 
 def changed(status: dict) -> tuple[dict[str, str], list[str]]:
@@ -183,7 +208,7 @@ def check_project(root: Path) -> None:
 
 def check_saved(root: Path) -> None:
     """Refuse when git does not hold dvc.lock and params.yaml as they are (restore overwrites them)."""
-    result = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", *PROJECT_FILES],
+    result = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", *overwritten(root)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RestoreError(f"{root}: not a git checkout, so nothing keeps the dvc.lock and params.yaml that restore "
@@ -203,7 +228,7 @@ def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def dvc_status(root: Path) -> dict:
-    result = dvc(root, "status", "--json", *restorable(root))
+    result = dvc(root, "status", "--json", *targets(root))
     if result.returncode != 0:
         raise RestoreError(f"dvc status failed: {last_line(result)}")
     return json.loads(result.stdout or "{}")
@@ -213,6 +238,40 @@ def restorable(root: Path) -> list[str]:
     """The stages of the project's dvc.lock that restore writes (those before register)."""
     lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
     return [name for name in lock.get("stages") or {} if name in RESTORED_STAGES]
+
+
+def targets(root: Path) -> list[str]:
+    """What restore asks DVC about: the restored stages and the imports of the raw inputs (their .dvc files)."""
+    return restorable(root) + experiments.imports(root)
+
+
+def overwritten(root: Path) -> list[str]:
+    """The files restore writes: dvc.lock, params.yaml and the imports' .dvc files."""
+    return [*PROJECT_FILES, *experiments.imports(root)]
+
+
+def restore_inputs(root: Path, lock_text: str) -> list[str]:
+    """Point each import under data/raw at the version the recorded ingest read; returns the .dvc files changed
+    (``dvc checkout`` then brings the files themselves)."""
+    versions, changed_files = input_versions(lock_text), []
+    for relative in experiments.imports(root):
+        document = yaml.safe_load((root / relative).read_text()) or {}
+        if pointed_back(document, Path(relative).parent.as_posix(), versions):
+            write_whole(root / relative, yaml.safe_dump(document, sort_keys=False).encode())
+            stage_checksum(root, relative)
+            changed_files.append(relative)
+    return changed_files
+
+
+def stage_checksum(root: Path, relative: str) -> None:
+    """The .dvc file's own ``md5`` computed by DVC (as ``dvc update`` writes it), so ``dvc status`` finds it intact."""
+    from dvc.repo import Repo
+    from dvc.stage.utils import compute_md5
+
+    with Repo(str(root)) as repo:
+        stage = repo.stage.load_one(relative)
+        stage.md5 = compute_md5(stage)
+        stage.dump()
 
 
 def last_line(result: subprocess.CompletedProcess) -> str:
@@ -240,16 +299,20 @@ def bring_outputs(root: Path) -> str:
     missing = sorted(path for path, state in changed(dvc_status(root))[0].items() if state == "not in cache")
     how = "from the DVC cache"
     if missing:
-        fetched = dvc(root, "fetch", *restorable(root))
+        fetched = dvc(root, "fetch", *targets(root))
         still = sorted(path for path, state in changed(dvc_status(root))[0].items() if state == "not in cache")
         if still:
             why = "no default DVC remote" if "no remote" in last_line(fetched).lower() else "nor on the DVC remote"
             raise RestoreError(f"{', '.join(still)}: not in the DVC cache {why}; the version's outputs cannot be "
                                "brought back")
         how = f"from the DVC cache, {', '.join(missing)} fetched from the remote"
-    result = dvc(root, "checkout", *restorable(root))
-    if result.returncode != 0:
-        raise RuntimeError(f"dvc checkout failed: {last_line(result)}")
+    # the imports with --force: a file of a newer import that the cache lacks is a copy of its source, which
+    # `dvc update` imports again; DVC would otherwise stop to ask before deleting it
+    runs = [restorable(root)] + ([["--force", *experiments.imports(root)]] if experiments.imports(root) else [])
+    for args in runs:
+        result = dvc(root, "checkout", *args)
+        if result.returncode != 0:
+            raise RuntimeError(f"dvc checkout failed: {last_line(result)}")
     return how
 
 
@@ -284,26 +347,29 @@ def restore(uri: str, root: Path, force: bool = False) -> list[str]:
         check_saved(root)
     with tempfile.TemporaryDirectory() as folder:
         recorded = download(client, source, Path(folder), uri, registry)
-        saved = {name: (root / name).read_bytes() if (root / name).is_file() else None for name in PROJECT_FILES}
-        write_whole(root / "dvc.lock", restored_lock((recorded / "dvc.lock").read_text()).encode())
+        saved = {name: (root / name).read_bytes() if (root / name).is_file() else None for name in overwritten(root)}
+        lock_text = (recorded / "dvc.lock").read_text()
+        write_whole(root / "dvc.lock", restored_lock(lock_text).encode())
         if (recorded / "params.yaml").is_file():
             write_whole(root / "params.yaml", (recorded / "params.yaml").read_bytes())
         try:
+            inputs = restore_inputs(root, lock_text)
             how = bring_outputs(root)
         except BaseException:
             put_back(root, saved)
             raise
         reports = write_uncached(root, recorded)
-    return summary(root, source, how, reports)
+    return summary(root, source, how, reports, inputs)
 
 
-def summary(root: Path, source: Source, how: str, reports: list[str]) -> list[str]:
+def summary(root: Path, source: Source, how: str, reports: list[str], inputs: list[str] = ()) -> list[str]:
     """What was restored, and what ``dvc status`` says of it now."""
     outs, deps = changed(dvc_status(root))
     commit = source.git_commit + (" (it had uncommitted changes)" if source.git_dirty == "true" else "")
     lines = [f"restored {source.label} (MLflow run {source.run_id}) into {root.resolve()}",
              f"  dvc.lock: the entries of {', '.join(restorable(root))} (md5 of the recorded lock {source.lock_md5})",
              "  params.yaml: as the run had it",
+             f"  raw inputs: {inputs_line(root, inputs)}",
              f"  outputs: {how}",
              f"  reports DVC does not cache, from the run: {', '.join(reports) or 'none'}",
              "  not restored: register and report (they run after the version is made); `dvc repro` would "
@@ -318,6 +384,14 @@ def summary(root: Path, source: Source, how: str, reports: list[str]) -> list[st
         lines.append(f"  deps that differ from the version's (code or sources: git checkout the commit): "
                      f"{', '.join(deps)}")
     return lines
+
+
+def inputs_line(root: Path, inputs: list[str]) -> str:
+    if not experiments.imports(root):
+        return "none imported under data/raw (DVC only hashed them: they cannot be brought back)"
+    if inputs:
+        return f"{', '.join(inputs)} pointed back at the versions the run read, and checked out"
+    return f"{', '.join(experiments.imports(root))} as the run read them"
 
 
 def run(uri: str, root: Path, force: bool = False) -> int:

@@ -167,7 +167,15 @@ def lineage_tags(paths: Paths) -> dict[str, str]:
     flow_run = prefect_flow_run_id()
     if flow_run:
         tags["prefect_flow_run_id"] = str(flow_run)
+    tags.update(experiment_tags())
     return tags
+
+
+def experiment_tags() -> dict[str, str]:
+    """The DVC experiment this run belongs to: ``DVC_EXP_NAME``, which ``dvc exp run`` and the flow set for the
+    stages (issue 21; the flow adds ``dvc_exp_ref``, the experiment's commit, once ``dvc exp save`` made it)."""
+    name = os.environ.get("DVC_EXP_NAME")
+    return {"dvc_exp_name": name} if name else {}
 
 
 # ---------------------------------------------------------------- logging (writes to MLflow)

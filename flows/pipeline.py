@@ -11,13 +11,21 @@ from the first changed stage on every stage goes through ``dvc repro``. After th
 outputs are pushed to the DVC remote and the dvc.lock of the run is logged to the MLflow run that
 registered the model.
 
-Reads: the project root's params.yaml (or ``params_file``, copied onto it) and dvc.yaml; Prefect's own
+Every run is a DVC experiment (bertflow/experiments.py): the raw inputs imported under data/raw are
+``dvc update``d first, the stages run with ``DVC_EXP_NAME`` set (as ``dvc exp run`` sets it), and at the end
+``dvc exp save`` records the workspace, so ``dvc exp show``/``diff``/``apply`` know the run; the MLflow run
+that registered the model is tagged with the experiment's name and commit. ``--set`` writes into params.yaml
+as ``dvc exp run -S`` does; a ``--profile`` run leaves the workspace as it found it (as ``dvc exp run --temp``
+does) and lives in its experiment (``dvc exp apply <name>`` brings it back).
+
+Reads: the project root's params.yaml (or the profile ``params_file`` for one run) and dvc.yaml; Prefect's own
 settings come from ``prefect.toml`` in the working directory (Prefect's rule), then the environment.
 Writes: what the stages write, ``.dvc/tmp/bertflow-pipeline.lock`` (a ``filelock`` lock) and
 ``.dvc/tmp/bertflow-pipeline.holder`` (who holds it) while it runs (one run at a time), the DVC remote,
-the MLflow run's ``dvc.lock`` artifact, a Prefect markdown artifact summarising the run, table artifacts
-of the stages and the variants, a link artifact to the run report (reports/report.html), and the events
-``bertflow.model.registered``/``bertflow.model.promoted`` when register made a version (flows/publish.py).
+the experiment's git ref, the MLflow run's ``dvc.lock`` artifact and experiment tags, a Prefect markdown
+artifact summarising the run, table artifacts of the stages and the variants, a link artifact to the run
+report (reports/report.html), and the events ``bertflow.model.registered``/``bertflow.model.promoted`` when
+register made a version (flows/publish.py).
 Every stage task has a timeout derived from the stage's budget in params.yaml (``stage_timeout``).
 
 With ``distributed.work_pool`` set, the training stages (pretrain, finetune) go to that Prefect
@@ -26,7 +34,7 @@ each (``bertflow-flow deploy-training`` creates it) and waits for its flow run. 
 pool (``prefect worker start --pool <pool>``: a process pool here, a Kubernetes or Docker pool by
 configuration) runs the same ``dvc repro --single-item`` in the same project, so the record stays one.
 
-    bertflow-flow run [--root .] [--params FILE] [--set finetune.learning_rate=5e-5 ...]
+    bertflow-flow run [--root .] [--profile FILE] [--set finetune.learning_rate=5e-5 ...] [--name EXP]
     bertflow-flow serve            # a deployment on the cron schedule of params.yaml's `schedule`
     bertflow-flow deploy-training [--image REF] [--job-variable KEY=VALUE ...]
                                    # the stage deployment on params.yaml's `distributed.work_pool`
@@ -51,7 +59,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from bertflow import lifeline, outcome, stages, tracking
+from bertflow import experiments, lifeline, outcome, stages, tracking
 from bertflow.paths import Paths
 from bertflow.summary import closing_text
 from bertflow.tracking import prefect_flow_run_id
@@ -219,11 +227,13 @@ def pipeline_lock(root: Path, wait_seconds: float):
         lock.release()
 
 
-def prepare_params(root: Path, params_file: str | None, overrides: dict[str, Any]) -> None:
-    """Validate the params; copy ``params_file`` onto params.yaml and write ``overrides`` into it.
+def prepare_params(root: Path, params_file: str | None, overrides: dict[str, Any]) -> experiments.Snapshot | None:
+    """Validate the params; for a profile, put the workspace aside and copy the profile onto params.yaml; write
+    ``overrides`` into params.yaml. Returns the snapshot to put back after a profile's run (None without one).
 
-    DVC reads params.yaml, so that is where a run's settings must be for the skip logic and
-    dvc.lock to record them (the same as ``dvc exp run --set-param``).
+    DVC reads params.yaml, so that is where a run's settings must be for the skip logic, dvc.lock and the
+    experiment to record them (``--set`` stays there, as ``dvc exp run --set-param`` leaves it; a profile's
+    run is put back, as ``dvc exp run --temp`` never touches the workspace).
     """
     from ruamel.yaml import YAML
 
@@ -234,8 +244,10 @@ def prepare_params(root: Path, params_file: str | None, overrides: dict[str, Any
     if not source.is_absolute():
         source = root / source
     load_params(source, overrides)  # raises ParamsError naming every bad key, before anything changes
-    if source.resolve() == target.resolve() and not overrides:
-        return
+    profile = source.resolve() != target.resolve()
+    if not profile and not overrides:
+        return None
+    snapshot = experiments.take_snapshot(root) if profile else None
     yaml = YAML()
     data = yaml.load(source.read_text(encoding="utf-8"))
     for dotted, value in overrides.items():
@@ -248,13 +260,14 @@ def prepare_params(root: Path, params_file: str | None, overrides: dict[str, Any
     with open(tmp, "w", encoding="utf-8") as handle:
         yaml.dump(data, handle)
     os.replace(tmp, target)
+    return snapshot
 
 
 def read_report(root: Path, name: str) -> dict:
     return tracking.read_report(Paths(root), name)
 
 
-def summary_markdown(root: Path, outcomes: list[dict], pushed: str) -> str:
+def summary_markdown(root: Path, outcomes: list[dict], pushed: str, experiment: str = "–") -> str:
     evaluation, registered = read_report(root, "evaluate"), read_report(root, "register")
     test = evaluation.get("test", {})
     rows = [f"| bertflow classifier | {test.get('accuracy', '–')} | {test.get('macro_f1', '–')} |"]
@@ -279,7 +292,8 @@ def summary_markdown(root: Path, outcomes: list[dict], pushed: str) -> str:
         "## Revisions", "",
         f"- git: {tracking.git_revision(root)}",
         f"- dvc.lock md5: `{tracking.lock_digest(root)}`",
-        f"- DVC remote: {pushed}", "",
+        f"- DVC remote: {pushed}",
+        f"- DVC experiment: {experiment}", "",
     ]
     return "\n".join(lines)
 
@@ -362,6 +376,7 @@ def sync_dvc(root: str) -> None:
     code, lines = stream(["bertflow", "sync-dvc"], Path(root), get_run_logger())
     if code != 0:
         raise StageFailed(f"bertflow sync-dvc failed: {lines[-1] if lines else 'no output'}")
+    warn_unversioned(Path(root), get_run_logger())
 
 
 @task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[10, 30, 60])
@@ -393,6 +408,64 @@ def record_lock(root: str) -> None:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.log_artifact(registered["run_id"], str(Path(root) / "dvc.lock"))
     client.set_tag(registered["run_id"], "dvc_lock_md5", tracking.lock_digest(Path(root)))
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def update_inputs(root: str) -> None:
+    """``dvc update`` the raw inputs imported under data/raw, before params.yaml is read (it names the copies): a
+    changed source is imported anew, so ingest re-runs; a missing copy is imported, or pulled when its source
+    is gone."""
+    logger = get_run_logger()
+    for line in experiments.update_inputs(Path(root)):
+        logger.info(line)
+
+
+def warn_unversioned(root: Path, logger) -> None:
+    """Name the sources outside the project that are not imported: DVC hashes them but cannot bring them back."""
+    from bertflow.dvc_sync import unversioned_inputs
+    from bertflow.params import load_params
+
+    outside = unversioned_inputs(load_params(root / "params.yaml").ingest, root)
+    if outside:
+        logger.warning("raw inputs outside the project, hashed but not versioned by DVC (a restored run cannot get "
+                       "them back): %s; `dvc import-url <source> data/raw/<name>` and point params.yaml at the "
+                       "copy", ", ".join(outside))
+
+
+@task(cache_policy=NO_CACHE)
+def save_experiment(root: str, name: str, registered: bool) -> str:
+    """``dvc exp save`` of the workspace as experiment ``name``; tags the MLflow run that registered the model in
+    this run with the experiment's name and commit. Without a git commit to build on there is no experiment."""
+    logger, project = get_run_logger(), Path(root)
+    if not experiments.has_commit(project):
+        logger.warning("%s is not a git work tree with a commit: the run is not saved as a DVC experiment", project)
+        return "none (no git commit)"
+    commit = experiments.save(project, name)
+    logger.info("DVC experiment %s (%s): dvc exp show, dvc exp apply %s", name, commit, name)
+    if registered:
+        from mlflow import MlflowClient
+
+        from bertflow.params import load_params
+        run_id = read_report(project, "register")["run_id"]
+        uri = tracking.tracking_uri(load_params(project / "params.yaml").register.tracking_uri, Paths(project))
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.set_tag(run_id, "dvc_exp_name", name)
+        client.set_tag(run_id, "dvc_exp_ref", commit)
+    return f"{name} ({commit[:10]})"
+
+
+@contextlib.contextmanager
+def experiment_env(name: str):
+    """``DVC_EXP_NAME`` for the stage commands while the flow runs (as ``dvc exp run`` sets it); restored after."""
+    before = os.environ.get(experiments.ENV)
+    os.environ[experiments.ENV] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(experiments.ENV, None)
+        else:
+            os.environ[experiments.ENV] = before
 
 
 def unchanged_stages(root: Path, logger) -> set[str]:
@@ -493,30 +566,41 @@ def run_one(stage: str, root: str, work_pool: str | None, deployment: str, timeo
 
 @flow(name="bertflow", log_prints=True)
 def pipeline(root: str = ".", params_file: str | None = None, overrides: dict[str, Any] | None = None,
-             lock_wait_seconds: float = 0.0) -> list[dict]:
-    """Run the pipeline on the project at ``root`` (the folder with dvc.yaml and params.yaml)."""
+             lock_wait_seconds: float = 0.0, experiment: str | None = None) -> list[dict]:
+    """Run the pipeline on the project at ``root`` (the folder with dvc.yaml and params.yaml) as DVC experiment
+    ``experiment`` (default ``flow-<UTC time>``); ``params_file``: a profile for this run only."""
     project = Path(root).resolve()
-    with pipeline_lock(project, lock_wait_seconds):
-        prepare_params(project, params_file, overrides or {})
-        sync_dvc(str(project))
-        placement, timeouts = training_placement(project), stage_timeouts(project)
-        unchanged = unchanged_stages(project, get_run_logger())
-        registered_before = read_report(project, "register")  # the events name only a version new since
-        outcomes = []
-        for stage in STAGES:  # from the first stage that runs on, DVC decides each stage afresh
-            if stage in unchanged and not any(o["ran"] for o in outcomes):
-                outcomes.append(skip_stage.with_options(name=stage)(stage))
-                continue
-            outcomes.append(run_one(stage, str(project), *placement, timeouts[stage]))
-            if stage == "register" and outcomes[-1]["ran"]:
-                announce_registration(str(project), registered_before)
-        pushed = push_outputs(str(project))
-        if any(o["stage"] == "register" and o["ran"] for o in outcomes):
-            record_lock(str(project))
-        create_markdown_artifact(key="bertflow-run-summary", markdown=summary_markdown(project, outcomes, pushed),
-                                 description="bertflow pipeline run: stages, figures, registry decision, revisions")
-        publish.create_tables(outcomes, read_report(project, "optimize"), read_report(project, "register"))
-        link_report(project)
+    name = experiment or experiments.experiment_name()
+    with pipeline_lock(project, lock_wait_seconds), experiment_env(name):
+        update_inputs(str(project))
+        snapshot = prepare_params(project, params_file, overrides or {})
+        try:
+            sync_dvc(str(project))
+            placement, timeouts = training_placement(project), stage_timeouts(project)
+            unchanged = unchanged_stages(project, get_run_logger())
+            registered_before = read_report(project, "register")  # the events name only a version new since
+            outcomes = []
+            for stage in STAGES:  # from the first stage that runs on, DVC decides each stage afresh
+                if stage in unchanged and not any(o["ran"] for o in outcomes):
+                    outcomes.append(skip_stage.with_options(name=stage)(stage))
+                    continue
+                outcomes.append(run_one(stage, str(project), *placement, timeouts[stage]))
+                if stage == "register" and outcomes[-1]["ran"]:
+                    announce_registration(str(project), registered_before)
+            pushed = push_outputs(str(project))
+            registered = any(o["stage"] == "register" and o["ran"] for o in outcomes)
+            if registered:
+                record_lock(str(project))
+            saved = save_experiment(str(project), name, registered)
+            create_markdown_artifact(key="bertflow-run-summary",
+                                     markdown=summary_markdown(project, outcomes, pushed, saved),
+                                     description="bertflow pipeline run: stages, figures, registry decision, revisions")
+            publish.create_tables(outcomes, read_report(project, "optimize"), read_report(project, "register"))
+            link_report(project)
+        finally:
+            if snapshot is not None:
+                for line in experiments.put_back(project, snapshot):
+                    get_run_logger().info(line)
     return outcomes
 
 
@@ -607,8 +691,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pipeline once, now")
     run.add_argument("--root", default=".")
-    run.add_argument("--params", default=None, help="params file to use (copied onto params.yaml)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one param")
+    run.add_argument("--profile", "--params", dest="profile", default=None, metavar="FILE",
+                     help="a params profile (params.tiny.yaml, params.zh.yaml, ...) for this run only: it runs as its "
+                          "own DVC experiment and the workspace (params.yaml included) is put back afterwards")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one param, written into params.yaml as `dvc exp run -S` does")
+    run.add_argument("--name", default=None, help="the DVC experiment's name (default flow-<UTC time>)")
     served = commands.add_parser("serve", help="serve a deployment on params.yaml's schedule (blocks)")
     served.add_argument("--root", default=".")
     deployed = commands.add_parser("deploy-training", help="deploy the training stages to distributed.work_pool")
@@ -631,8 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "deploy-training":
         print(deploy_training(root, args.image, parse_job_variables(args.job_variables)))
         return 0
-    state = pipeline(root=str(root), params_file=args.params, overrides=parse_overrides(args.set),
-                     return_state=True)
+    state = pipeline(root=str(root), params_file=args.profile, overrides=parse_overrides(args.set),
+                     experiment=args.name, return_state=True)
     if not state.is_completed():
         print(f"bertflow-flow: error: the flow run ended {state.name}: {state.message}", file=sys.stderr)
         return 1
