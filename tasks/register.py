@@ -79,8 +79,9 @@ def data_fingerprint(texts: list[str], labels: list[str]) -> str:
 
 
 def log_model(run_id: str, folder: Path, example: list[str], name: str = "classifier",
-              runtime: str = "torch") -> str:
-    """A model folder as a pyfunc model (code from bertflow/serving.py); returns the logged model's URI."""
+              runtime: str = "torch"):
+    """A model folder as a pyfunc model (code from bertflow/serving.py); returns MLflow's ``ModelInfo`` (its
+    ``model_uri`` and ``model_id``)."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -96,7 +97,7 @@ def log_model(run_id: str, folder: Path, example: list[str], name: str = "classi
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(SERVING_CODE), artifacts={"classifier": str(folder)},
             signature=signature, input_example=example, pip_requirements=requirements(runtime))
-    return info.model_uri
+    return info
 
 
 def requirements(runtime: str = "torch") -> list[str]:
@@ -148,7 +149,10 @@ def publish(client, settings: RegisterParams, params: Params, paths: Paths, figu
         # own params; declaring params.yaml whole would register anew on a change to schedule or report.
         tracking.log_restore_data(client, run_id, paths)
         if earlier is None:
-            model_uri = log_model(run_id, paths.classifier, figures["example"])
+            model_uri = log_model(run_id, paths.classifier, figures["example"]).model_uri
+            # the test figures, on the test data set, belong to the logged model: MLflow's Models view ranks by them
+            tracking.log_model_metrics(client, run_id, model_id(model_uri),
+                                       tracking.read_report(paths, "evaluate").get("test", {}), paths)
             champion = champion_standing(client, settings.model_name, settings.metric)
         else:
             model_uri, champion = earlier.source, standing_before(earlier)
@@ -190,10 +194,16 @@ def publish(client, settings: RegisterParams, params: Params, paths: Paths, figu
               "reason": reason, "metric": settings.metric, "value": new.value,
               "champion_before": None if champion is None else {"version": champion.version, "value": champion.value},
               "model_uri": f"models:/{settings.model_name}/{version}", "logged_model_uri": model_uri,
+              "model_id": model_id(model_uri),
               "run_id": run_id, "experiment": settings.experiment, "tracking_uri": redact(uri),
               "test_data_fingerprint": figures["fingerprint"], "logging": timings}
     client.set_model_version_tag(settings.model_name, version, DONE_TAG, json.dumps(result))  # the last write
     return result
+
+
+def model_id(model_uri: str) -> str | None:
+    """The logged model's id in MLflow 3 (``models:/m-...``), None for an older run's URI (``runs:/...``)."""
+    return model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
 
 
 def mlflow_register(model_uri: str, name: str, tags: dict[str, str]) -> str:
@@ -231,7 +241,7 @@ def register_variants(client, settings: RegisterParams, paths: Paths, figures: d
         if name == "fp32" or not folder.is_dir():
             continue
         if name not in done:
-            uri = log_model(run_id, folder, figures["example"], f"variant-{name}", measures["runtime"])
+            uri = log_model(run_id, folder, figures["example"], f"variant-{name}", measures["runtime"]).model_uri
             tags = metric_tags(measures)
             tags.update({"variant": name, "runtime": measures["runtime"], VARIANT_KEY_TAG: key,
                          "test_data_fingerprint": figures["fingerprint"], "mlflow_run_id": run_id})
