@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 
 from bertflow.io import InputError
@@ -77,10 +78,11 @@ def retrying(settings: RegisterParams, what: str, uri: str, call):
     try:
         return call()
     except Exception as exc:  # noqa: BLE001 - any client error counts as "did not answer"
-        tries = f", {settings.retries} retries" if uri.startswith(("http:", "https:")) else ""
+        retries = settings.retries
+        tries = f", {retries} retr{'y' if retries == 1 else 'ies'}" if uri.startswith(("http:", "https:")) else ""
         raise RegistryError(
             f"MLflow registry at {redact(uri)} did not answer ({what}{tries}): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}. "
+            f"{type(exc).__name__}: {redact_text(str(exc).splitlines()[0])[:300] if str(exc) else ''}. "
             "The trained model is kept in artifacts/classifier; run `bertflow register` again "
             "once the registry is back.") from exc
 
@@ -91,6 +93,11 @@ def redact(uri: str) -> str:
         scheme, rest = uri.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return uri
+
+
+def redact_text(text: str) -> str:
+    """A client's message without the credentials of any URL in it (MLflow's errors quote the request's URL)."""
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
 
 
 HTTP_RETRIES, HTTP_BACKOFF, HTTP_TIMEOUT = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",

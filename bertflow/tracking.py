@@ -132,10 +132,10 @@ def dvc_digest(root: Path, relative: str, hashes: dict[str, str]) -> str | None:
     manifest in the DVC cache (``.dvc/cache/files/md5``); else the md5 of the file's bytes, which is what DVC 3
     records for a file. None when it is not there at all."""
     if relative in hashes:
-        return hashes[relative]
+        return str(hashes[relative])  # YAML reads an all-digit md5 as a number
     path = root / relative
     parent, name = relative.rpartition("/")[::2]
-    folder_md5 = hashes.get(parent, "")
+    folder_md5 = str(hashes.get(parent, ""))
     manifest = root / ".dvc" / "cache" / "files" / "md5" / folder_md5[:2] / folder_md5[2:]
     if folder_md5.endswith(".dir") and manifest.is_file():
         for entry in json.loads(manifest.read_text()):
@@ -242,7 +242,7 @@ def prefect_flow_run_id() -> str | None:
 def lineage_tags(paths: Paths) -> dict[str, str]:
     tags = git_state(paths.root)
     for path, md5 in dvc_lock_hashes(paths.root / "dvc.lock").items():
-        tags[f"dvc.{path}"] = md5
+        tags[f"dvc.{path}"] = str(md5)  # YAML reads an all-digit md5 as a number
     flow_run = prefect_flow_run_id()
     if flow_run:
         tags["prefect_flow_run_id"] = str(flow_run)

@@ -39,6 +39,7 @@ from bertflow.registry import (
     fast_choice,
     promotion,
     redact,
+    redact_text,
     retrying,
     version_by_alias,
 )
@@ -356,8 +357,8 @@ def run(params: Params, paths: Paths) -> dict:
         raise
     except Exception as exc:  # noqa: BLE001 - one clear message, not a client traceback
         raise RegistryError(f"MLflow registry at {redact(uri)}: registration failed: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}. The trained model is kept in "
-                            "artifacts/classifier; run `bertflow register` again.") from exc
+                            f"{redact_text(str(exc).splitlines()[0])[:300] if str(exc) else ''}. The trained model "
+                            "is kept in artifacts/classifier; run `bertflow register` again.") from exc
     result["logging"]["total_seconds"] = round(time.perf_counter() - started, 2)
     log.info("registered %s v%s (%s): %s", result["model_name"], result["version"], result["decision"],
              result["reason"])
