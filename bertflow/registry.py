@@ -8,7 +8,6 @@ through the client it is given.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from bertflow.io import InputError
 from bertflow.params import RegisterParams
 
-log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, FAST = "champion", "challenger", "fast"
 
 

@@ -4,13 +4,15 @@ Reads: ``artifacts/classifier`` (logged once, as the model), ``data/labeled/test
 fingerprint), ``reports/*.json`` and curves (through bertflow/tracking.py), ``dvc.lock``, ``dvc.yaml``,
 ``params.yaml`` and git.
 Writes: to MLflow, a pipeline run with nested stage runs and one new version of the registered
-model (a pyfunc from bertflow/serving.py) with alias ``challenger``, and ``champion`` when it wins the
-gate (a new champion's variants are registered just before it, a losing version gets none); the model card
-is the version's description; the run's artifacts ``restore/`` (dvc.lock, params.yaml and the uncached
-reports as they stand while register runs) are what ``bertflow restore`` brings back. Locally,
-``reports/register.json``.
-Run: ``bertflow register``. When the registry does not answer it retries with back-off, then fails
-naming the registry; everything trained stays on disk and re-running ``register`` alone registers it.
+model (a pyfunc from bertflow/serving.py, whose logged model carries the test figures on the test data
+set: ``model_id``) with alias ``challenger``, and ``champion`` when it wins the gate (a new champion's
+variants are registered just before it, a losing version gets none); the model card is the version's
+description; the run's artifacts ``restore/`` (dvc.lock, params.yaml and the uncached reports as they
+stand while register runs) are what ``bertflow restore`` brings back. Locally, ``reports/register.json``
+(and the seconds spent logging in ``reports/timing/register.json``).
+Run: ``bertflow register``. When the registry does not answer, MLflow's client retries with its back-off
+(``register.retries``, ``backoff_seconds``, ``timeout_seconds``), then register fails naming the registry;
+everything trained stays on disk and re-running ``register`` alone registers it.
 """
 
 from __future__ import annotations
