@@ -8,11 +8,14 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bertflow import timings, tracking
 from bertflow.params import RegisterParams
@@ -131,6 +134,30 @@ def test_data_sets_carry_dvc_digests_and_test_figures_go_to_the_logged_model(tmp
     ranked = client.search_logged_models([experiment], order_by=[{"field_name": "metrics.test.accuracy",
                                                                   "ascending": False}])
     assert [m.model_id for m in ranked] == [model.model_id]
+
+
+def test_data_set_digests_are_the_md5s_dvc_recorded(tmp_path):
+    """A real `dvc repro` of an ingest-like stage with folder outputs: each split's digest is the md5 in DVC's
+    manifest of its folder, the corpus's the folder's own md5 in dvc.lock."""
+
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=tmp_path, check=True)
+    write = ("import pathlib; [pathlib.Path(p).parent.mkdir(parents=True, exist_ok=True) or pathlib.Path(p)"
+             ".write_text(p) for p in ['data/corpus/train.parquet', 'data/labeled/train.parquet', "
+             "'data/labeled/dev.parquet', 'data/labeled/test.parquet']]")
+    stage = {"cmd": f'{sys.executable} -c "{write}"', "outs": ["data/corpus", "data/labeled"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": stage}}))
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "-q"], cwd=tmp_path, check=True,
+                   env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    lock = tracking.dvc_lock_hashes(tmp_path / "dvc.lock")
+    found = tracking.data_sets(tmp_path)
+    assert found["corpus"][1] == lock["data/corpus"] and lock["data/corpus"].endswith(".dir")
+    folder = lock["data/labeled"]
+    manifest = json.loads((tmp_path / ".dvc/cache/files/md5" / folder[:2] / folder[2:]).read_text())
+    assert {f"labeled/{Path(e['relpath']).stem}": e["md5"] for e in manifest} == {
+        name: digest for name, (_, digest, _) in found.items() if name.startswith("labeled/")}
+    assert found["labeled/dev"][1] == md5(b"data/labeled/dev.parquet")  # DVC 3's md5 of a file: of its bytes
 
 
 def test_git_source_tags_are_mlflows_own(tmp_path):
