@@ -11,7 +11,6 @@ the worker processes buy. Not a test: run it with ``make bench-data`` or
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine, machine_line, write_results  # noqa: E402
+from bertflow.paths import Paths  # noqa: E402
+from bertflow.timings import read_stage_report  # noqa: E402
 
 
 def timed_stage(stage: str, params: Path, root: Path, overrides: list[str] = ()) -> dict:
@@ -35,7 +36,7 @@ def timed_stage(stage: str, params: Path, root: Path, overrides: list[str] = ())
     seconds = time.perf_counter() - started
     if status != 0:
         raise SystemExit(f"stage {stage} failed with status {status}")
-    report = json.loads((root / "reports" / f"{stage}.json").read_text())
+    report = read_stage_report(Paths(root), stage)  # results and timings (mb_per_second, seconds)
     return {"wall_seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "report": report}
 
 

@@ -31,6 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import ensure_output, machine, machine_line, write_results  # noqa: E402
 from bertflow.params import write_params_copy  # noqa: E402
+from bertflow.paths import Paths  # noqa: E402
+from bertflow.timings import read_stage_report  # noqa: E402
 
 BIGGER_NODE = ("# a node with 8 GPUs: in params.yaml (device auto: rank r on cuda:r, nccl between them)\n"
              "distributed: {nproc_per_node: 8}\n"
@@ -57,7 +59,7 @@ def pretrain_once(processes: int, steps: int, scratch: Path) -> dict:
     params = scratch_params(scratch, processes, steps)
     subprocess.run([sys.executable, "-m", "tasks.cli", "--params", str(params), "--root", str(root), "pretrain"],
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    report = json.loads((root / "reports" / "pretrain.json").read_text())
+    report = read_stage_report(Paths(root), "pretrain")  # results and timings (seconds)
     return {"tokens": report["tokens"], "seconds": report["seconds"], "threads": report["threads"]}
 
 

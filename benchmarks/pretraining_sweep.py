@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS, ensure_output, machine, machine_line  # noqa: E402
 from bertflow.paths import Paths  # noqa: E402
+from bertflow.timings import read_stage_report  # noqa: E402
 
 RECIPES = REPO / "benchmarks" / "pretraining_sweep.json"
 # The probe: 1,650 steps, what 5 minutes give on an idle 2-core machine (an SST-2 epoch, 1,894 steps, takes
@@ -96,7 +97,7 @@ def own_pretraining_data(params: dict, profile: dict) -> bool:
 
 def figures(root: Path, recipe: str, params_hash: str, seconds: dict) -> dict:
     """What the table needs from the recipe's reports."""
-    pretrain = json.loads((root / "reports/pretrain.json").read_text())
+    pretrain = read_stage_report(Paths(root), "pretrain")  # results and timings (tokens_per_second)
     evaluation = json.loads((root / "reports/evaluate.json").read_text())
     gain = evaluation["pretraining_gain"]
     return {"recipe": recipe, "params_hash": params_hash, "seconds": seconds,

@@ -9,6 +9,8 @@
   ``dvc import-url`` copies, versioned in the DVC cache, and ``unversioned_inputs`` names the ones outside
   the project, which DVC only hashes;
 - each stage's ``params`` (the sections it reads);
+- each stage's timing outputs ``reports/timing/<stage>.json`` (and ``.csv``, the training stages' CPU and
+  memory), ``cache: false``: outs, not metrics, so ``dvc metrics diff`` shows results only;
 - ``persist: true`` on the outputs of stages with side effects (register, report): DVC never restores
   such a stage from its run-cache, so an old params value calls MLflow again;
 - params.yaml with every field written out (defaults included), so DVC sees every value a stage uses.
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from bertflow import stages
+from bertflow import stages, timings
 from bertflow.io import InputError
 from bertflow.params import (
     HF_PREFIX,
@@ -142,6 +144,7 @@ def _yaml() -> YAML:
     yaml = YAML()
     yaml.preserve_quotes = True
     yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.width = 4096  # keep long lines (the plots' column lists) as written
     yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     yaml.representer.add_representer(float, _float)
     return yaml
@@ -215,12 +218,30 @@ def _outputs(entry: dict) -> list[dict]:
     return found
 
 
+def timing_outs(stage: str) -> list[str]:
+    """A stage's timing files (bertflow/timings.py): outputs, not metrics, so `dvc metrics diff` shows results."""
+    return [f"reports/timing/{stage}.json"] + ([f"reports/timing/{stage}.csv"] if stage in timings.SAMPLED else [])
+
+
+def missing_outs(entry: dict, stage: str) -> list[str]:
+    declared = {path for kind in ("outs", "metrics", "plots") for item in entry.get(kind) or []
+                for path in ([item] if isinstance(item, str) else item)}
+    return [path for path in timing_outs(stage) if path not in declared]
+
+
 def sync_document(document: dict, root: Path, params: Params) -> bool:
-    """Bring every stage's deps, params and persistence in line; True when something changed."""
+    """Bring every stage's deps, params, timing outputs and persistence in line; True when something changed."""
     changed = False
     dvc_yaml = root / "dvc.yaml"
     for stage in stages.STAGES:
         entry = _stage_entry(document, stage.name, dvc_yaml)
+        missing = missing_outs(entry, stage.name)
+        if missing:
+            outs = entry.get("outs")
+            if outs is None:
+                entry["outs"] = outs = []
+            outs.extend({path: {"cache": False}} for path in missing)
+            changed = True
         deps = wanted_deps(entry, stage.name, root, params)
         if [str(d) for d in entry.get("deps", [])] != deps:
             entry["deps"] = deps
@@ -283,6 +304,7 @@ def stale_entries(dvc_yaml: Path, params: Params, stage: str) -> list[str]:
     declared = {os.path.normpath(str(d)) for d in entry.get("deps", [])}
     wanted = wanted_deps(entry, stage, dvc_yaml.parent, params)
     problems = [f"dep {dep}" for dep in wanted if os.path.normpath(dep) not in declared]
+    problems += [f"out {path}" for path in missing_outs(entry, stage)]
     declared_params = {str(p) for p in entry.get("params", [])}
     problems += [f"params {section}" for section in stages.BY_NAME[stage].params if section not in declared_params]
     return problems

@@ -1,21 +1,21 @@
 """The MLflow registry client and the promotion gate.
 
-Pure parts: the gate (``promotion``) and the choice of alias ``fast`` (``fast_choice``). Edge parts: a client
-with MLflow's HTTP timeouts, retries with back-off naming the registry, alias look-ups. Writes only
+Pure parts: the gate (``promotion``), the choice of alias ``fast`` (``fast_choice``) and MLflow's HTTP retry
+settings from params (``http_settings``). Edge parts: a client whose requests MLflow retries with its own
+back-off and timeout, one error naming the registry when they are spent, alias look-ups. Writes only
 through the client it is given.
 """
 
 from __future__ import annotations
 
-import logging
+import math
 import os
-import time
+import re
 from dataclasses import dataclass
 
 from bertflow.io import InputError
 from bertflow.params import RegisterParams
 
-log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, FAST = "champion", "challenger", "fast"
 
 
@@ -70,22 +70,19 @@ def fast_choice(variants: list[Variant], champion_accuracy: float, max_drop: flo
 
 
 def retrying(settings: RegisterParams, what: str, uri: str, call):
-    """Run ``call``; on failure wait backoff, 2·backoff, … for ``retries`` more tries, then fail clearly."""
-    delay = settings.backoff_seconds
-    for attempt in range(settings.retries + 1):
-        try:
-            return call()
-        except Exception as exc:  # noqa: BLE001 - any client error counts as "did not answer"
-            if attempt == settings.retries:
-                raise RegistryError(
-                    f"MLflow registry at {redact(uri)} did not answer ({what}, {attempt + 1} attempts): "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}. "
-                    "The trained model is kept in artifacts/classifier; run `bertflow register` again "
-                    "once the registry is back.") from exc
-            log.warning("registry %s: %s failed (%s); retrying in %.1f s", redact(uri), what, exc, delay)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+    """Run ``call`` once: a tracking server's requests are retried by MLflow itself, as ``configure_client`` set
+    it up (``register.retries``, ``backoff_seconds``, ``timeout_seconds``); what still fails becomes one error
+    naming the registry."""
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - any client error counts as "did not answer"
+        retries = settings.retries
+        tries = f", {retries} retr{'y' if retries == 1 else 'ies'}" if uri.startswith(("http:", "https:")) else ""
+        raise RegistryError(
+            f"MLflow registry at {redact(uri)} did not answer ({what}{tries}): "
+            f"{type(exc).__name__}: {redact_text(str(exc).splitlines()[0])[:300] if str(exc) else ''}. "
+            "The trained model is kept in artifacts/classifier; run `bertflow register` again "
+            "once the registry is back.") from exc
 
 
 def redact(uri: str) -> str:
@@ -96,13 +93,32 @@ def redact(uri: str) -> str:
     return uri
 
 
+def redact_text(text: str) -> str:
+    """A client's message without the credentials of any URL in it (MLflow's errors quote the request's URL)."""
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+
+
+HTTP_RETRIES, HTTP_BACKOFF, HTTP_TIMEOUT = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                                           "MLFLOW_HTTP_REQUEST_TIMEOUT")
+RETRY_LIMITS = {HTTP_RETRIES: 10, HTTP_BACKOFF: 120}  # MLflow refuses more (its _..._LIMIT variables)
+
+
+def http_settings(settings: RegisterParams) -> dict[str, str]:
+    """MLflow's HTTP retry settings from ``register``: ``retries`` further tries, MLflow's exponential back-off
+    of factor ``backoff_seconds`` (whole seconds, as MLflow reads it), ``timeout_seconds`` per request."""
+    wanted = {HTTP_RETRIES: settings.retries, HTTP_BACKOFF: math.ceil(settings.backoff_seconds),
+              HTTP_TIMEOUT: math.ceil(settings.timeout_seconds)}
+    return {key: str(min(value, RETRY_LIMITS.get(key, value))) for key, value in wanted.items()}
+
+
 def configure_client(settings: RegisterParams, uri: str):
-    """Our own retry loop replaces MLflow's long built-in HTTP retries; the URI is set explicitly."""
+    """A client for ``uri`` whose HTTP requests MLflow retries as ``register`` says; a variable the environment
+    already sets (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ...) wins, as for any MLflow client."""
     import mlflow
     from mlflow import MlflowClient
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.timeout_seconds)))
+    for key, value in http_settings(settings).items():
+        os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -1,12 +1,18 @@
 """MLflow tracking of a pipeline run, written after the fact from what the stages left on disk.
 
-Reads: the params in force, ``reports/<stage>.json``, the curves ``reports/pretrain/*.csv`` and
-``reports/finetune/*.csv``, ``reports/evaluate/confusion.png``, ``dvc.lock``, ``dvc.yaml``, ``params.yaml``
-and git.
+Reads: the params in force, ``reports/<stage>.json`` with ``reports/timing/<stage>.json`` (its seconds and its
+real start and end; bertflow/timings.py), the curves ``reports/pretrain/*.csv``, ``reports/finetune/*.csv``, ...
+(each row's ``time``), the training stages' CPU and memory samples ``reports/timing/<stage>.csv``,
+``reports/evaluate/confusion.png``, ``dvc.lock`` (and the DVC cache's manifests of the data folders),
+``dvc.yaml``, ``params.yaml`` and git.
 Writes (to the tracking server or the embedded SQLite store): one parent run per pipeline run with
-all params flattened, lineage tags and the evaluation figures, and one nested run per stage with
-its own params, its report's numbers and its curves (metrics with steps). Weights are not logged
-here: the classifier is logged once, as the registered model (tasks/register.py); checkpoints never.
+all params flattened, lineage tags (``mlflow.source.git.*`` too), the data sets it was built from (MLflow
+datasets whose digest is DVC's md5) and the evaluation figures, and one nested run per stage with its own
+params, its report's numbers, its curves (metrics with steps, each at the time its row was written) and,
+for the training stages, ``system/...`` metrics; every run starts and ends when its stage did. The stages
+never talk to MLflow (it need not be up while they run): this writes their record afterwards, with the
+times they recorded. Weights are not logged here: the classifier is logged once, as the registered model
+(tasks/register.py), and the test figures are logged to it (``model_id``); checkpoints never.
 What ``bertflow restore`` brings back (bertflow/restore.py) goes under the run's artifact folder
 ``restore/``: ``dvc.lock`` and ``params.yaml`` as they stand while register runs, and ``outs/<path>``, the
 outputs the stages before register keep out of the DVC cache (``cache: false``: reports, curves), with the
@@ -26,12 +32,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
-from bertflow import stages
+from bertflow import stages, timings
 from bertflow.paths import Paths
 
 STAGE_ORDER = stages.before("register")  # the stages whose reports and curves register tracks
@@ -40,6 +45,12 @@ CURVES = {"lm_baselines": ("lm_baselines/lstm.csv",),
           "pretrain": ("pretrain/train.csv", "pretrain/eval.csv"),
           "finetune": ("finetune/pretrained.csv", "finetune/random_init.csv"),
           "optimize": ("optimize/distill.csv", "optimize/prune.csv")}
+# the data sets of a run, as MLflow datasets: name → (path, the context tag, the stage runs that read it)
+DATASETS = {"corpus": ("data/corpus", "pretraining", ("pretrain_data",)),
+            "labeled/train": ("data/labeled/train.parquet", "training", ("finetune",)),
+            "labeled/dev": ("data/labeled/dev.parquet", "validation", ("finetune",)),
+            "labeled/test": ("data/labeled/test.parquet", "test", ("evaluate",))}
+TEST_DATASET = "labeled/test"  # the test figures are measured on it
 
 
 # ---------------------------------------------------------------- where (pure)
@@ -100,17 +111,66 @@ def read_curve(path: Path) -> list[tuple[int, dict[str, float]]]:
     return rows
 
 
-def dvc_lock_hashes(lock_file: Path) -> dict[str, str]:
-    """``{path: md5}`` of every dep and out recorded in dvc.lock (empty without one)."""
+def dvc_lock_hashes(lock_file: Path, names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """``{path: md5}`` of every dep and out recorded in dvc.lock (of the stages ``names`` only, when given;
+    empty without a lock)."""
     if not lock_file.is_file():
         return {}
     lock = yaml.safe_load(lock_file.read_text()) or {}
     hashes = {}
-    for stage in (lock.get("stages") or {}).values():
+    for name, stage in (lock.get("stages") or {}).items():
+        if names is not None and name not in names:
+            continue
         for entry in [*(stage.get("deps") or []), *(stage.get("outs") or [])]:
             if entry.get("md5"):
                 hashes[entry["path"]] = entry["md5"]
     return hashes
+
+
+def dvc_digest(root: Path, relative: str, hashes: dict[str, str]) -> str | None:
+    """DVC's md5 of a data set: dvc.lock's record of it; for a file inside a recorded folder, the folder's
+    manifest in the DVC cache (``.dvc/cache/files/md5``); else the md5 of the file's bytes, which is what DVC 3
+    records for a file. None when it is not there at all."""
+    if relative in hashes:
+        return str(hashes[relative])  # YAML reads an all-digit md5 as a number
+    path = root / relative
+    parent, name = relative.rpartition("/")[::2]
+    folder_md5 = str(hashes.get(parent, ""))
+    manifest = root / ".dvc" / "cache" / "files" / "md5" / folder_md5[:2] / folder_md5[2:]
+    if folder_md5.endswith(".dir") and manifest.is_file():
+        for entry in json.loads(manifest.read_text()):
+            if entry.get("relpath") == name:
+                return entry["md5"]
+    if path.is_file():
+        digest = hashlib.md5()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    return None
+
+
+def data_sets(root: Path) -> dict[str, tuple[str, str, str]]:
+    """``{name: (path, digest, context)}`` of the DATASETS present, digests from the stages before register
+    (register's own dvc.lock entry is the previous run's)."""
+    hashes = dvc_lock_hashes(root / "dvc.lock", STAGE_ORDER)
+    found = {}
+    for name, (relative, context, _) in DATASETS.items():
+        digest = dvc_digest(root, relative, hashes)
+        if digest is not None:
+            found[name] = (relative, digest, context)
+    return found
+
+
+def curve_points(rows: list[tuple[int, dict[str, float]]], fallback_ms: int) -> list[tuple[str, float, int, int]]:
+    """(name, value, timestamp ms, step) of a curve's rows: each at its ``time`` column, else ``fallback_ms``."""
+    points = []
+    for step, values in rows:
+        values = dict(values)
+        stamp = values.pop("time", None)
+        timestamp = int(stamp * 1000) if stamp is not None else fallback_ms
+        points += [(key, value, timestamp, step) for key, value in values.items()]
+    return points
 
 
 # ---------------------------------------------------------------- lineage (reads git, env)
@@ -124,10 +184,29 @@ def git_state(root: Path) -> dict[str, str]:
                                     text=True, check=True).stdout.strip()
             dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
                                    capture_output=True, text=True, check=True).stdout.strip()
-            return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+            return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower(), **git_source(folder, commit)}
         except (OSError, subprocess.CalledProcessError):
             continue
     return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def git_source(folder: Path, commit: str) -> dict[str, str]:
+    """MLflow's own source tags (``mlflow.source.git.commit``, ``.branch``, ``.repoURL``), as its UI shows them;
+    the branch is left out on a detached HEAD, the URL without a remote ``origin`` (credentials redacted)."""
+    def git(*args: str) -> str:
+        found = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True)
+        return found.stdout.strip() if found.returncode == 0 else ""
+
+    tags = {"mlflow.source.git.commit": commit}
+    branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        tags["mlflow.source.git.branch"] = branch
+    url = git("config", "--get", "remote.origin.url")
+    if url:
+        from bertflow.registry import redact
+
+        tags["mlflow.source.git.repoURL"] = redact(url)
+    return tags
 
 
 def git_revision(root: Path) -> str:
@@ -163,7 +242,7 @@ def prefect_flow_run_id() -> str | None:
 def lineage_tags(paths: Paths) -> dict[str, str]:
     tags = git_state(paths.root)
     for path, md5 in dvc_lock_hashes(paths.root / "dvc.lock").items():
-        tags[f"dvc.{path}"] = md5
+        tags[f"dvc.{path}"] = str(md5)  # YAML reads an all-digit md5 as a number
     flow_run = prefect_flow_run_id()
     if flow_run:
         tags["prefect_flow_run_id"] = str(flow_run)
@@ -182,41 +261,99 @@ def experiment_tags() -> dict[str, str]:
 
 
 def log_pipeline_run(client, experiment_id: str, params: dict, paths: Paths, tags: dict[str, str]) -> str:
-    """The parent run with params, tags and evaluation figures, and a nested run per stage."""
+    """The parent run with params, tags, data sets and evaluation figures (the test figures go to the model,
+    ``log_model_metrics``), and a nested run per stage; each run starts and ends when its stage(s) did."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    parent = client.create_run(experiment_id, run_name="pipeline", tags=tags)
+    now = timings.now_ms()
+    stage_times = {stage: timings.read_timing(paths, stage) for stage in STAGE_ORDER}
+    starts = [t["start"] for t in stage_times.values() if t.get("start")]
+    parent = client.create_run(experiment_id, run_name="pipeline", tags=tags, start_time=min(starts, default=now))
     run_id = parent.info.run_id
-    now = int(time.time() * 1000)
     flat = flatten(params)
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+    found = data_sets(paths.root)
+    log_data_sets(client, run_id, paths, found, list(found))
     evaluation = read_report(paths, "evaluate")
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in numeric(evaluation).items()])
+    evaluated = stage_times["evaluate"].get("end", now)
+    client.log_batch(run_id, metrics=[Metric(k, v, evaluated, 0) for k, v in numeric(evaluation).items()
+                                      if not k.startswith("test.")])
     for stage in STAGE_ORDER:
         report = read_report(paths, stage)
-        child = client.create_run(experiment_id, run_name=stage,
+        started, ended = stage_times[stage].get("start", now), stage_times[stage].get("end", now)
+        child = client.create_run(experiment_id, run_name=stage, start_time=started,
                                   tags={MLFLOW_PARENT_RUN_ID: run_id, MLFLOW_RUN_NAME: stage, "stage": stage})
         stage_params = flatten(params.get(stage, {}))
-        metrics = [Metric(k, v, now, 0) for k, v in numeric(report).items()]
-        metrics += curve_metrics(paths, stage, now)
+        metrics = [Metric(k, v, ended, 0) for k, v in numeric(report).items()]
+        metrics += curve_metrics(paths, stage, ended) + system_metrics(paths, stage)
         client.log_batch(child.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in stage_params.items()],
                          tags=[RunTag("status_report", f"reports/{stage}.json")])
         for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
             client.log_batch(child.info.run_id, metrics=metrics[start:start + 1000])
-        client.set_terminated(child.info.run_id)
+        log_data_sets(client, child.info.run_id, paths, found,
+                      [name for name, (_, _, readers) in DATASETS.items() if stage in readers])
+        client.set_terminated(child.info.run_id, end_time=ended)
     return run_id
 
 
-def curve_metrics(paths: Paths, stage: str, timestamp: int) -> list:
+def curve_metrics(paths: Paths, stage: str, fallback_ms: int) -> list:
+    """A stage's curves as metrics with steps, each at the time its row was written (``fallback_ms``, the
+    stage's end, for curves written without a ``time`` column)."""
     from mlflow.entities import Metric
 
     metrics = []
     for relative in CURVES.get(stage, ()):
         name = Path(relative).stem
-        for step, values in read_curve(paths.reports / relative):
-            metrics += [Metric(f"{name}.{key}", value, timestamp, step) for key, value in values.items()]
+        for key, value, timestamp, step in curve_points(read_curve(paths.reports / relative), fallback_ms):
+            metrics.append(Metric(f"{name}.{key}", value, timestamp, step))
     return metrics
+
+
+def system_metrics(paths: Paths, stage: str) -> list:
+    """The CPU and memory samples of a training stage as ``system/<name>`` metrics at their times (MLflow's
+    names, as its own system-metrics monitor logs them; step = the sample's number)."""
+    from mlflow.entities import Metric
+
+    metrics = []
+    for step, row in enumerate(timings.read_system(paths, stage)):
+        stamp = int(row.pop("time") * 1000)
+        metrics += [Metric(f"system/{key}", value, stamp, step) for key, value in row.items()]
+    return metrics
+
+
+def data_set(paths: Paths, name: str, relative: str, digest: str):
+    """An MLflow dataset for a data set of the run: its path as a local source, DVC's md5 as its digest."""
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = get_dataset_source_from_json(json.dumps({"uri": str((paths.root / relative).resolve())}), "local")
+    return MetaDataset(source, name=name, digest=digest)
+
+
+def log_data_sets(client, run_id: str, paths: Paths, found: dict, names: list[str]) -> None:
+    """``log_inputs`` of the named data sets (those present), each tagged with its context."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = [DatasetInput(data_set(paths, name, found[name][0], found[name][1])._to_mlflow_entity(),
+                           [InputTag(MLFLOW_DATASET_CONTEXT, found[name][2])]) for name in names if name in found]
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def log_model_metrics(client, run_id: str, model_id: str, figures: dict, paths: Paths, prefix: str = "test.") -> None:
+    """Test figures as metrics of the logged model (``model_id``) and of the run, on the test data set (name
+    and DVC digest), at the time evaluate ended: the experiment's Models view lists and sorts models by them."""
+    from mlflow.entities import Metric
+
+    test = data_sets(paths.root).get(TEST_DATASET)
+    dataset = {"dataset_name": TEST_DATASET, "dataset_digest": test[1]} if test else {}
+    timestamp = timings.read_timing(paths, "evaluate").get("end") or timings.now_ms()
+    metrics = [Metric(f"{prefix}{key}", value, timestamp, 0, model_id=model_id, **dataset)
+               for key, value in numeric(figures).items()]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
 
 
 def log_report_artifacts(client, run_id: str, paths: Paths, model_card: str) -> None:
@@ -277,6 +414,6 @@ def log_restore_data(client, run_id: str, paths: Paths) -> None:
 
 
 def read_report(paths: Paths, stage: str) -> dict:
-    """``reports/<stage>.json``, or {} when the stage has not written it."""
-    path = paths.report(stage)
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A stage's figures: ``reports/<stage>.json`` with its timings merged back (``reports/timing/``), or {}
+    when the stage has not written it."""
+    return timings.read_stage_report(paths, stage)

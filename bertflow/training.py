@@ -158,23 +158,24 @@ def restore_rng(state: dict) -> None:
 
 
 class MetricsLog:
-    """A CSV that grows one row at a time; on resume the rows past the checkpoint are dropped."""
+    """A CSV that grows one row at a time; on resume the rows past the checkpoint are dropped. Each row also
+    gets ``time``, the wall clock (epoch seconds) when it was written: tracking gives the point that time."""
 
     def __init__(self, path: Path, fields: list[str], resume_after_step: int | None = None):
-        self.path, self.fields = path, fields
+        self.path, self.fields = path, [*fields, *(["time"] if "time" not in fields else [])]
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         if resume_after_step is not None and path.is_file():
             with open(path, newline="") as handle:
                 rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_after_step]
         with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer = csv.DictWriter(handle, fieldnames=self.fields, restval="")  # a row from before `time`: none
             writer.writeheader()
             writer.writerows(rows)
 
     def write(self, **row) -> None:
         with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=self.fields).writerow(row)
+            csv.DictWriter(handle, fieldnames=self.fields).writerow({"time": round(time.time(), 3), **row})
 
 
 class NullLog:

@@ -1,7 +1,8 @@
 """The ``bertflow`` command: one subcommand per stage, as dvc.yaml calls them.
 
 Reads the params file (``--params``, default params.yaml) and runs one stage's ``run`` with its
-own section; writes what that stage writes plus ``reports/<stage>.json``. Bad params or bad input
+own section; writes what that stage writes plus ``reports/<stage>.json`` (its results) and
+``reports/timing/<stage>.json`` (its seconds, start and end; bertflow/timings.py). Bad params or bad input
 exit with status 2 and one message naming the thing at fault. With ``distributed`` asking for more
 than one process, the training stages re-run this same command line under torchrun (rank 0 writes).
 """
@@ -9,6 +10,7 @@ than one process, the training stages re-run this same command line under torchr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -16,9 +18,9 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from bertflow import launch, lifeline
+from bertflow import launch, lifeline, timings
 from bertflow.dvc_sync import check_stage, stale_entries, sync_dvc_yaml
-from bertflow.io import InputError, write_json
+from bertflow.io import InputError
 from bertflow.outcome import BAD_INPUT, FAILED, SUCCEEDED, write_outcome
 from bertflow.params import ParamsError, load_params
 from bertflow.paths import Paths
@@ -37,9 +39,12 @@ def run_stage(stage: str, params_file: str | Path = "params.yaml", root: str | P
     entry = BY_NAME[stage]
     module = importlib.import_module(entry.module)
     section = params if entry.whole_params else getattr(params, stage)
-    figures = module.run(section, paths)
-    if launch.is_main_process():
-        write_json(paths.report(stage), figures)
+    start_ms, main = timings.now_ms(), launch.is_main_process()
+    with (timings.sampling(timings.system_path(paths, stage)) if main and stage in timings.SAMPLED
+          else contextlib.nullcontext()):
+        figures = module.run(section, paths)
+    if main:
+        timings.write_stage_reports(paths, stage, figures, start_ms, timings.now_ms())
     return figures
 
 

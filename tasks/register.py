@@ -4,13 +4,15 @@ Reads: ``artifacts/classifier`` (logged once, as the model), ``data/labeled/test
 fingerprint), ``reports/*.json`` and curves (through bertflow/tracking.py), ``dvc.lock``, ``dvc.yaml``,
 ``params.yaml`` and git.
 Writes: to MLflow, a pipeline run with nested stage runs and one new version of the registered
-model (a pyfunc from bertflow/serving.py) with alias ``challenger``, and ``champion`` when it wins the
-gate (a new champion's variants are registered just before it, a losing version gets none); the model card
-is the version's description; the run's artifacts ``restore/`` (dvc.lock, params.yaml and the uncached
-reports as they stand while register runs) are what ``bertflow restore`` brings back. Locally,
-``reports/register.json``.
-Run: ``bertflow register``. When the registry does not answer it retries with back-off, then fails
-naming the registry; everything trained stays on disk and re-running ``register`` alone registers it.
+model (a pyfunc from bertflow/serving.py, whose logged model carries the test figures on the test data
+set: ``model_id``) with alias ``challenger``, and ``champion`` when it wins the gate (a new champion's
+variants are registered just before it, a losing version gets none); the model card is the version's
+description; the run's artifacts ``restore/`` (dvc.lock, params.yaml and the uncached reports as they
+stand while register runs) are what ``bertflow restore`` brings back. Locally, ``reports/register.json``
+(and the seconds spent logging in ``reports/timing/register.json``).
+Run: ``bertflow register``. When the registry does not answer, MLflow's client retries with its back-off
+(``register.retries``, ``backoff_seconds``, ``timeout_seconds``), then register fails naming the registry;
+everything trained stays on disk and re-running ``register`` alone registers it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from bertflow.registry import (
     fast_choice,
     promotion,
     redact,
+    redact_text,
     retrying,
     version_by_alias,
 )
@@ -79,8 +82,9 @@ def data_fingerprint(texts: list[str], labels: list[str]) -> str:
 
 
 def log_model(run_id: str, folder: Path, example: list[str], name: str = "classifier",
-              runtime: str = "torch") -> str:
-    """A model folder as a pyfunc model (code from bertflow/serving.py); returns the logged model's URI."""
+              runtime: str = "torch"):
+    """A model folder as a pyfunc model (code from bertflow/serving.py); returns MLflow's ``ModelInfo`` (its
+    ``model_uri`` and ``model_id``)."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -96,7 +100,7 @@ def log_model(run_id: str, folder: Path, example: list[str], name: str = "classi
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(SERVING_CODE), artifacts={"classifier": str(folder)},
             signature=signature, input_example=example, pip_requirements=requirements(runtime))
-    return info.model_uri
+    return info
 
 
 def requirements(runtime: str = "torch") -> list[str]:
@@ -148,7 +152,10 @@ def publish(client, settings: RegisterParams, params: Params, paths: Paths, figu
         # own params; declaring params.yaml whole would register anew on a change to schedule or report.
         tracking.log_restore_data(client, run_id, paths)
         if earlier is None:
-            model_uri = log_model(run_id, paths.classifier, figures["example"])
+            model_uri = log_model(run_id, paths.classifier, figures["example"]).model_uri
+            # the test figures, on the test data set, belong to the logged model: MLflow's Models view ranks by them
+            tracking.log_model_metrics(client, run_id, model_id(model_uri),
+                                       tracking.read_report(paths, "evaluate").get("test", {}), paths)
             champion = champion_standing(client, settings.model_name, settings.metric)
         else:
             model_uri, champion = earlier.source, standing_before(earlier)
@@ -190,10 +197,16 @@ def publish(client, settings: RegisterParams, params: Params, paths: Paths, figu
               "reason": reason, "metric": settings.metric, "value": new.value,
               "champion_before": None if champion is None else {"version": champion.version, "value": champion.value},
               "model_uri": f"models:/{settings.model_name}/{version}", "logged_model_uri": model_uri,
+              "model_id": model_id(model_uri),
               "run_id": run_id, "experiment": settings.experiment, "tracking_uri": redact(uri),
               "test_data_fingerprint": figures["fingerprint"], "logging": timings}
     client.set_model_version_tag(settings.model_name, version, DONE_TAG, json.dumps(result))  # the last write
     return result
+
+
+def model_id(model_uri: str) -> str | None:
+    """The logged model's id in MLflow 3 (``models:/m-...``), None for an older run's URI (``runs:/...``)."""
+    return model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
 
 
 def mlflow_register(model_uri: str, name: str, tags: dict[str, str]) -> str:
@@ -231,7 +244,7 @@ def register_variants(client, settings: RegisterParams, paths: Paths, figures: d
         if name == "fp32" or not folder.is_dir():
             continue
         if name not in done:
-            uri = log_model(run_id, folder, figures["example"], f"variant-{name}", measures["runtime"])
+            uri = log_model(run_id, folder, figures["example"], f"variant-{name}", measures["runtime"]).model_uri
             tags = metric_tags(measures)
             tags.update({"variant": name, "runtime": measures["runtime"], VARIANT_KEY_TAG: key,
                          "test_data_fingerprint": figures["fingerprint"], "mlflow_run_id": run_id})
@@ -346,8 +359,8 @@ def run(params: Params, paths: Paths) -> dict:
         raise
     except Exception as exc:  # noqa: BLE001 - one clear message, not a client traceback
         raise RegistryError(f"MLflow registry at {redact(uri)}: registration failed: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}. The trained model is kept in "
-                            "artifacts/classifier; run `bertflow register` again.") from exc
+                            f"{redact_text(str(exc).splitlines()[0])[:300] if str(exc) else ''}. The trained model "
+                            "is kept in artifacts/classifier; run `bertflow register` again.") from exc
     result["logging"]["total_seconds"] = round(time.perf_counter() - started, 2)
     log.info("registered %s v%s (%s): %s", result["model_name"], result["version"], result["decision"],
              result["reason"])

@@ -1,11 +1,12 @@
 """The lm_baselines stage on the tiny profile's real corpus slice: every model scores the held-out split."""
 
 import csv
-import json
 
 import pytest
 
 from bertflow.io import InputError
+from bertflow.paths import Paths
+from bertflow.timings import read_stage_report
 from tests.conftest import REPO, copy_outputs
 
 
@@ -14,7 +15,7 @@ def test_lm_baselines_stage_reports_perplexities_and_a_loss_curve(tiny_run, tmp_
 
     root = copy_outputs(tiny_run, tmp_path / "project")
     figures = run_stage("lm_baselines", REPO / "params.tiny.yaml", root)
-    assert json.loads((root / "reports" / "lm_baselines.json").read_text()) == figures
+    assert read_stage_report(Paths(root), "lm_baselines") == figures  # results, and timings in reports/timing/
     tokens, bigram, lstm = figures["tokens"], figures["bigram"], figures["lstm"]
     assert tokens["train_sentences"] > 1000 and tokens["heldout_pieces"] > 1000
     assert 0 < bigram["discount"] < 1  # Ney's estimate (params.tiny.yaml leaves it null)

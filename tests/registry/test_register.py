@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from bertflow import timings
 from bertflow.params import VARIANTS
+from bertflow.paths import Paths
 from bertflow.registry import Standing, Variant, fast_choice, promotion, redact
 from bertflow.tracking import dvc_lock_hashes, flatten, numeric, read_curve
 from tasks.register import CHALLENGER, CHAMPION, FAST, data_fingerprint
@@ -111,7 +114,8 @@ def register_here(root: Path, monkeypatch, tracking_uri: str | None = None, over
 
     # register sets these for its own process (MLflow exports its URIs to the environment, for children):
     # undone after the test, so no later test or subprocess of this worker inherits them
-    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_REGISTRY_URI"):
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                "MLFLOW_REGISTRY_URI"):
         monkeypatch.delenv(key, raising=False)
     if tracking_uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
@@ -163,7 +167,29 @@ def test_register_tracks_gates_and_serves(trained_copy, monkeypatch, caplog):
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "reports/evaluate")}
     assert "reports/evaluate/confusion.png" in logged
     assert not any("checkpoint" in a.path for a in client.list_artifacts(run.info.run_id, "reports"))
-    assert report["logging"]["total_seconds"] > 0
+    assert "logging" not in report  # a timing: reports/timing/register.json, not the DVC metric
+    assert timings.read_stage_report(Paths(root), "register")["logging"]["total_seconds"] > 0
+
+    # real times: each stage's run starts and ends when the stage did, its curve points and CPU samples at theirs
+    recorded = {stage: timings.read_timing(Paths(root), stage) for stage in ("pretrain", "finetune", "evaluate")}
+    assert run.info.start_time == min(t["start"] for t in recorded.values())
+    assert (pretrain_run.info.start_time, pretrain_run.info.end_time) == (recorded["pretrain"]["start"],
+                                                                          recorded["pretrain"]["end"])
+    rows = read_curve(root / "reports/pretrain/train.csv")
+    assert [m.timestamp for m in sorted(curve, key=lambda m: m.step)] == [int(v["time"] * 1000) for _, v in rows]
+    assert recorded["pretrain"]["start"] <= curve[0].timestamp <= recorded["pretrain"]["end"]
+    cpu = client.get_metric_history(pretrain_run.info.run_id, "system/cpu_utilization_percentage")
+    assert cpu and all(recorded["pretrain"]["start"] <= m.timestamp <= recorded["pretrain"]["end"] + 1000 for m in cpu)
+    assert client.get_metric_history(finetune_run.info.run_id, "system/system_memory_usage_megabytes")
+    # MLflow 3: the test split as a dataset (DVC's md5 of the file), the test figures on the logged model
+    test_md5 = hashlib.md5((root / "data/labeled/test.parquet").read_bytes()).hexdigest()
+    inputs = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert inputs["labeled/test"] == test_md5 and inputs["labeled/train"]
+    model = client.get_logged_model(report["model_id"])
+    accuracy = next(m for m in model.metrics if m.key == "test.accuracy")
+    assert (accuracy.value, accuracy.dataset_name, accuracy.dataset_digest) == (
+        run.data.metrics["test.accuracy"], "labeled/test", test_md5)
+    assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_commit"]
 
     # the version: tags, card, aliases
     version = client.get_model_version("bertflow-tiny", "1")
