@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bertflow import stages
-from bertflow.io import read_json, write_json, write_text
+from bertflow.io import InputError, read_json, write_json, write_text
 from bertflow.paths import Paths
 
 TIMING_SECTIONS = ("logging",)  # whole sections of timings (register's seconds spent logging)
@@ -130,7 +130,9 @@ def sample() -> dict[str, float]:
 def sampling(path: Path, interval: float | None = None) -> Iterator[list[dict]]:
     """Sample the machine at the start, every ``interval`` seconds (``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``,
     else 10) and once at the end, in a daemon thread; the rows go to ``path`` (CSV) when the block ends, also
-    when it fails. ``cpu_percent`` is the load since the previous sample, so one at the start only primes it."""
+    when it fails, but not when it refuses bad input (an ``InputError``:
+    nothing ran, nothing is left behind). ``cpu_percent`` is the load since the previous sample, so one at the start
+    only primes it."""
     interval = float(interval or os.environ.get(INTERVAL_VARIABLE) or 10)
     rows: list[dict] = []
     stop = threading.Event()
@@ -142,11 +144,16 @@ def sampling(path: Path, interval: float | None = None) -> Iterator[list[dict]]:
 
     thread = threading.Thread(target=loop, name="system-metrics", daemon=True)
     thread.start()
+    refused = False
     try:
         yield rows
+    except InputError:
+        refused = True  # bad input or params: the stage did no work, and leaves nothing behind
+        raise
     finally:
         stop.set()
         thread.join()
-        rows.append(sample())
-        lines = [",".join(SYSTEM_FIELDS)] + [",".join(str(row[field]) for field in SYSTEM_FIELDS) for row in rows]
-        write_text(path, "\n".join(lines) + "\n")
+        if not refused:
+            rows.append(sample())
+            lines = [",".join(SYSTEM_FIELDS)] + [",".join(str(row[field]) for field in SYSTEM_FIELDS) for row in rows]
+            write_text(path, "\n".join(lines) + "\n")

@@ -472,3 +472,21 @@ def test_a_pooled_stage_no_worker_takes_is_cancelled_at_its_timeout(built, prefe
         state.result()
     assert pooled_runs(env, "tiny-idle")[0][1] in ("CANCELLING", "CANCELLED")
     assert (project / "dvc.lock").read_text() == lock
+
+
+def test_bertflow_flow_run_ends_with_the_stage_table_and_the_three_lines(built, prefect_api, monkeypatch, capsys):
+    """What `make run` prints last (issue 21 point 10): the stage table, then the test figures beside the baselines
+    with whether pretraining paid, the registry decision with the model URI, and where the report is."""
+    from flows.pipeline import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["run", "--root", str(built)]) == 0  # the built chain: every stage skipped
+    lines = capsys.readouterr().out.strip().splitlines()
+    total = next(i for i, line in enumerate(lines) if line.startswith("total"))
+    assert [line.split()[0] for line in lines[total - len(STAGES):total]] == STAGES
+    closing = lines[total + 1:]
+    registered = json.loads((built / "reports" / "register.json").read_text())
+    assert closing[0].startswith("Test accuracy ") and "TF-IDF" in closing[0] and "pretraining" in closing[0].lower()
+    assert closing[1].startswith(f"Registry: {registered['model_uri']} registered as {registered['decision']}")
+    assert closing[1].endswith("decided by an earlier run: register had nothing new")
+    assert closing[2] == f"Report: {(built / 'reports' / 'report.html').resolve()}"
