@@ -41,7 +41,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import ensure_output, machine, machine_line, matmul_peak, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ensure_output,
+    machine,
+    machine_line,
+    matmul_peak,
+    throughput_figures,
+    write_results,
+)
 from benchmarks.trainer_side import TrainerSide  # noqa: E402
 from bertflow import distributed as dd  # noqa: E402
 from bertflow import training as tr  # noqa: E402
@@ -126,14 +133,7 @@ class FinetuneSide:
 
 def side_figures(side, peaks: dict) -> dict:
     """Throughput and MFU of a fine-tuning side (``FinetuneSide`` or ``TrainerSide``)."""
-    flops = encoder_flops_per_token(side.model, side.padded / side.sequences) * side.tokens
-    gflops = flops / side.seconds / 1e9
-    return {"tokens_per_second": round(side.tokens / side.seconds),
-            "sequences_per_second": round(side.sequences / side.seconds, 1),
-            "padding_fraction": round(1 - side.tokens / side.padded, 3),
-            "model_gflops_per_second": round(gflops, 1),
-            "mfu_vs_bf16_peak": round(gflops / peaks["bf16"], 3),
-            "mfu_vs_fp32_peak": round(gflops / peaks["fp32"], 3)}
+    return throughput_figures(side, encoder_flops_per_token(side.model, side.padded / side.sequences), peaks, 1)
 
 
 def encoder_flops_per_token(model, mean_length: float) -> float:

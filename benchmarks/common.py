@@ -67,6 +67,18 @@ def matmul_peak(dtype) -> float:
     return best
 
 
+def throughput_figures(side, flops_per_token: float, peaks: dict, digits: int = 2) -> dict:
+    """tokens/s, sequences/s, padding and MFU against the measured bf16/fp32 matmul peaks of a measured side (one
+    with tokens, sequences, padded and seconds), given the model FLOPs per token of its work."""
+    gflops = flops_per_token * side.tokens / side.seconds / 1e9
+    return {"tokens_per_second": round(side.tokens / side.seconds),
+            "sequences_per_second": round(side.sequences / side.seconds, digits),
+            "padding_fraction": round(1 - side.tokens / side.padded, 3),
+            "model_gflops_per_second": round(gflops, 1),
+            "mfu_vs_bf16_peak": round(gflops / peaks["bf16"], 3),
+            "mfu_vs_fp32_peak": round(gflops / peaks["fp32"], 3)}
+
+
 def write_results(name: str, result: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -44,7 +44,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import ensure_output, machine, machine_line, matmul_peak, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ensure_output,
+    machine,
+    machine_line,
+    matmul_peak,
+    throughput_figures,
+    write_results,
+)
 from benchmarks.trainer_side import TrainerSide  # noqa: E402
 from bertflow import training as tr  # noqa: E402
 from bertflow.model import (  # noqa: E402
@@ -166,15 +173,8 @@ class Side:
 def side_figures(side, peaks: dict) -> dict:
     """Throughput and MFU of a side (a ``Side`` or the ``TrainerSide``: model, tokens, padded, masked, sequences,
     seconds)."""
-    mean_length = side.padded / side.sequences
-    flops = model_flops_per_token(side.model, mean_length, side.masked / side.tokens) * side.tokens
-    gflops = flops / side.seconds / 1e9
-    return {"tokens_per_second": round(side.tokens / side.seconds),
-            "sequences_per_second": round(side.sequences / side.seconds, 2),
-            "padding_fraction": round(1 - side.tokens / side.padded, 3),
-            "model_gflops_per_second": round(gflops, 1),
-            "mfu_vs_bf16_peak": round(gflops / peaks["bf16"], 3),
-            "mfu_vs_fp32_peak": round(gflops / peaks["fp32"], 3)}
+    flops = model_flops_per_token(side.model, side.padded / side.sequences, side.masked / side.tokens)
+    return throughput_figures(side, flops, peaks)
 
 
 def model_flops_per_token(model, mean_length: float, masked_fraction: float) -> float:
