@@ -309,6 +309,16 @@ class FinetuneParams(BudgetFields):
     def _init_exists(cls, value: str, info: ValidationInfo) -> str:
         return value if value == PRETRAINED else _check_local_path(value, info)
 
+    @property
+    def run_kinds(self) -> list[str]:
+        """The models trained per seed: the classifier, and its random-init twin with ``random_init_ablation``."""
+        return ["pretrained", "random_init"] if self.random_init_ablation else ["pretrained"]
+
+    @property
+    def run_count(self) -> int:
+        """How many models the finetune stage trains (``tasks.finetune.planned_runs`` has one per run)."""
+        return self.seeds * len(self.run_kinds)
+
 class EvaluateParams(Section):
     batch_size: int = Field(128, ge=1)
     majority_baseline: bool = True

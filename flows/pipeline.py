@@ -168,19 +168,13 @@ def dvc_error(lines: list[str]) -> str:
     return lines[-1] if lines else "no output"
 
 
-def finetune_runs(settings) -> int:
-    """How many models the finetune stage trains: the classifier and its random-init twin, per seed (the count
-    of tasks/finetune.py's ``planned_runs``, without importing torch into the flow)."""
-    return settings.seeds * (2 if settings.random_init_ablation else 1)
-
-
 def budget_seconds(stage: str, params) -> float | None:
     """The stage's wall-clock training budget in seconds, all its runs together; None where no clock bounds it
     (a step or epoch budget, or a stage without one)."""
     if stage == "pretrain":
         minutes = params.pretrain.budget_minutes
     elif stage == "finetune":
-        minutes = params.finetune.budget_minutes and params.finetune.budget_minutes * finetune_runs(params.finetune)
+        minutes = params.finetune.budget_minutes and params.finetune.budget_minutes * params.finetune.run_count
     elif stage == "lm_baselines":
         lstm = params.lm_baselines.lstm
         minutes = lstm.budget_minutes if lstm.enabled else None

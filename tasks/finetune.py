@@ -239,9 +239,8 @@ class PlannedRun:
 def planned_runs(params: FinetuneParams) -> list[PlannedRun]:
     """The classifier and (with ``random_init_ablation``) its random-init twin for each of ``seeds`` seeds;
     the first seed's keep their plain names, the others are named by their seed (``pretrained_seed43``)."""
-    kinds = ["pretrained", "random_init"] if params.random_init_ablation else ["pretrained"]
     return [PlannedRun(kind if k == 0 else f"{kind}_seed{params.seed + k}", kind, params.seed + k)
-            for k in range(params.seeds) for kind in kinds]
+            for k in range(params.seeds) for kind in params.run_kinds]
 
 
 def seeds_of(runs: list[PlannedRun]) -> list[int]:

@@ -308,7 +308,7 @@ def params_with(tmp_path: Path, overrides: dict):
 
 
 def test_stage_timeouts_are_derived_from_the_budgets(tmp_path):
-    from flows.pipeline import CEILING_SECONDS, finetune_runs, stage_timeout
+    from flows.pipeline import CEILING_SECONDS, stage_timeout
     from tasks.finetune import planned_runs
 
     minutes = {"pretrain.max_steps": None, "pretrain.budget_minutes": 20, "finetune.budget_minutes": 30,
@@ -324,7 +324,7 @@ def test_stage_timeouts_are_derived_from_the_budgets(tmp_path):
     assert {stage_timeout(s, steps) for s in ("pretrain", "finetune", "lm_baselines")} == {CEILING_SECONDS}
     for seeds, ablation in [(1, True), (3, True), (2, False)]:  # the count finetune itself plans
         settings = params_with(tmp_path, {"finetune.seeds": seeds, "finetune.random_init_ablation": ablation})
-        assert finetune_runs(settings.finetune) == len(planned_runs(settings.finetune))
+        assert settings.finetune.run_count == len(planned_runs(settings.finetune))
 
 
 def stage_processes(project: Path, stage: str) -> list[int]:
