@@ -52,6 +52,9 @@ PROBE = {"finetune.budget_minutes": None, "finetune.max_steps": 1650}
 INPUTS = ("data/corpus", "data/labeled", "artifacts/tokenizer")
 PRETRAIN_DATA = "data/pretrain"
 ABLATION_KEYS = ("pretrain.architecture", "pretrain.model", "finetune", "ingest", "tokenizer")
+# What a recipe's figures depend on: the stages it runs and the data they read. Other sections (lm_baselines,
+# optimize, register, ...) may change without re-running recorded recipes.
+RECORD_KEYS = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate")
 
 
 # ---------------------------------------------------------------- recipes (pure)
@@ -84,6 +87,10 @@ def recipe_params(profile_file: Path, overrides: dict, fine_tuning: dict) -> dic
 
 def digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def record_hash(params: dict) -> str:
+    return digest({key: params[key] for key in RECORD_KEYS})
 
 
 def ablation_key(params: dict) -> str:
@@ -227,7 +234,7 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     for name in chosen:
         params = recipe_params(args.profile, recipes[name], fine_tuning)
-        params_hash = digest(params)
+        params_hash = record_hash(params)
         done = args.results / f"{name}.json"
         if done.is_file() and json.loads(done.read_text())["params_hash"] == params_hash:
             print(f"== {name}: recorded with these params, skipped", flush=True)
