@@ -37,15 +37,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402
+    bert_linears,
     ensure_output,
+    linear_shapes,
     machine,
     machine_line,
     matmul_peak,
+    matmul_rate,
+    thousands,
     throughput_figures,
     write_results,
 )
@@ -111,11 +116,15 @@ class FinetuneSide:
             self.bf16 = False
         self.cursor, self.seconds, self.tokens, self.padded, self.sequences = 0, 0.0, 0, 0, 0
 
-    def step(self, measure: bool) -> None:
+    def next_batch(self) -> dict:
         if self.cursor + self.batch_size > len(self.order):
             self.cursor = 0
         batch = self.train.batch(self.order[self.cursor:self.cursor + self.batch_size], self.pad_id)
         self.cursor += self.batch_size
+        return batch
+
+    def step(self, measure: bool) -> None:
+        batch = self.next_batch()
         started = time.perf_counter()
         if self.bertflow:  # the finetune stage's own step
             classification_step(self.model, batch, None, self.bf16, dd.World())
@@ -129,6 +138,56 @@ class FinetuneSide:
             self.tokens += int(batch["attention_mask"].sum())
             self.padded += batch["input_ids"].numel()
             self.sequences += len(batch["labels"])
+
+
+PHASES = ("forward", "backward", "clip", "optimizer", "zero_grad")
+
+
+def step_anatomy(side: FinetuneSide, steps: int) -> dict:
+    """Milliseconds per phase of the finetune stage's step (``classification_step``'s forward and loss, its
+    backward, gradient clipping, the fused AdamW step, zeroing), averaged over ``steps`` steps of the bertflow
+    side, and the figures that bound it: the rows per batch, the parameters every step updates."""
+    clock = dict.fromkeys(PHASES, 0.0)
+    rows = 0
+    for _ in range(steps):
+        batch = side.next_batch()
+        rows += batch["input_ids"].numel()
+        marks = [time.perf_counter()]
+        with tr.autocast(side.bf16):
+            logits = side.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                token_type_ids=batch["token_type_ids"]).logits
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        loss.item()
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(side.model.parameters(), 1.0)
+        marks.append(time.perf_counter())
+        side.optimizer.step()
+        marks.append(time.perf_counter())
+        side.optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        for phase, start, end in zip(PHASES, marks[:-1], marks[1:], strict=True):
+            clock[phase] += end - start
+    embedding = side.model.get_input_embeddings().weight.numel()
+    return {"ms": {phase: round(1e3 * seconds / steps, 2) for phase, seconds in clock.items()},
+            "rows_per_batch": round(rows / steps), "steps": steps,
+            "parameters": sum(p.numel() for p in side.model.parameters()), "word_embedding_parameters": embedding}
+
+
+def gap_to_target(anatomy: dict, model, trainer_figures: dict, batch_size: int, target: float, bf16: bool) -> dict:
+    """Can a step be ``target`` times the Trainer's? Its step time over ``target``, less the work both sides do
+    alike whatever their forward and backward cost (clipping, the fused AdamW step over every parameter,
+    zeroing), against what the forward and backward matmuls need at the model's own shapes on this CPU."""
+    trainer_ms = 1e3 * batch_size / trainer_figures["sequences_per_second"]
+    fixed_ms = sum(anatomy["ms"][phase] for phase in ("clip", "optimizer", "zero_grad"))
+    shapes = linear_shapes(anatomy["rows_per_batch"], bert_linears(model.config))
+    rate = matmul_rate(shapes, torch.bfloat16 if bf16 else torch.float32)
+    matmul_ms = 1e3 * sum(2 * m * k * n for m, k, n in shapes) / (rate * 1e9)
+    return {"trainer_step_ms": round(trainer_ms, 2), "target_step_ms": round(trainer_ms / target, 2),
+            "fixed_ms": round(fixed_ms, 2), "matmul_ms_at_model_shapes": round(matmul_ms, 2),
+            "matmul_gflops_per_second_at_model_shapes": round(rate, 1),
+            "reachable": fixed_ms + matmul_ms <= trainer_ms / target}
 
 
 def side_figures(side, peaks: dict) -> dict:
@@ -165,13 +224,16 @@ def finetuning(folder: Path, paths: Paths, params: FinetuneParams, args) -> dict
         measured.append(trainer)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     result = {"batch_size": params.batch_size, "peaks": {k: round(v, 1) for k, v in peaks.items()},
-              **{side.name: side_figures(side, peaks) for side in measured}}
+              **{side.name: side_figures(side, peaks) for side in measured},
+              "anatomy": step_anatomy(sides[1], args.anatomy_steps)}
     result["speedup"] = round(result["bertflow"]["sequences_per_second"] / result["reference"]["sequences_per_second"],
                               2)
     if not args.no_trainer:
         # tokens/s: the two samplers group by length differently, so their batches' lengths differ
         result["vs_trainer"] = round(result["bertflow"]["tokens_per_second"]
                                      / result[TrainerSide.name]["tokens_per_second"], 2)
+        result["gap_to_2x_trainer"] = gap_to_target(result["anatomy"], sides[1].model, result[TrainerSide.name],
+                                                    params.batch_size, 2.0, sides[1].bf16)
     return result
 
 
@@ -267,16 +329,37 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|",
         f"| sequences/s | {ft['reference']['sequences_per_second']} | {trainer.get('sequences_per_second', '–')} | "
         f"{ft['bertflow']['sequences_per_second']} | {ft['speedup']}× | |",
-        f"| tokens/s | {ft['reference']['tokens_per_second']:,} | {trainer.get('tokens_per_second', '–'):,} | "
+        f"| tokens/s | {ft['reference']['tokens_per_second']:,} | {thousands(trainer.get('tokens_per_second'))} | "
         f"{ft['bertflow']['tokens_per_second']:,} | | {ft.get('vs_trainer', '–')}× |",
         f"| MFU (bf16 peak {ft['peaks']['bf16']:.0f} GFLOP/s; the reference runs fp32: fp32 peak "
         f"{ft['peaks']['fp32']:.0f}) | {ft['reference']['mfu_vs_fp32_peak']:.1%} (fp32) | "
         f"{trainer.get('mfu_vs_bf16_peak', float('nan')):.1%} | {ft['bertflow']['mfu_vs_bf16_peak']:.1%} | | |", "",
+        *anatomy_lines(ft),
         "| serving | reference (transformers pipeline) | bertflow (registry champion, pyfunc) |", "|---|---|---|",
         f"| latency p50, batch 1 | {ref['p50_ms']} ms | {ours['p50_ms']} ms |",
         f"| latency p99, batch 1 | {ref['p99_ms']} ms | {ours['p99_ms']} ms |",
         f"| throughput, batch 64 | {ref['batch64_texts_per_second']} texts/s | "
         f"{ours['batch64_texts_per_second']} texts/s |", ""])
+
+
+def anatomy_lines(ft: dict) -> list[str]:
+    """Where a bertflow fine-tuning step's time goes, and whether 2× the Trainer fits in it."""
+    anatomy, gap = ft["anatomy"], ft.get("gap_to_2x_trainer")
+    ms = anatomy["ms"]
+    lines = [f"Where a bertflow step goes ({anatomy['steps']} steps of {anatomy['rows_per_batch']} padded rows on "
+             f"average, {sum(ms.values()):.1f} ms): " + ", ".join(f"{phase} {value} ms" for phase, value in ms.items())
+             + f". The optimizer updates all {anatomy['parameters'] / 1e6:.1f} M parameters every step, "
+             f"{anatomy['word_embedding_parameters'] / 1e6:.1f} M of them the word embedding.", ""]
+    if gap:
+        verdict = "fits" if gap["reachable"] else "does not fit"
+        lines += [f"2× the Trainer means a {gap['target_step_ms']} ms step (the Trainer's: {gap['trainer_step_ms']} "
+                  "ms). "
+                  f"Clipping, the AdamW step and zeroing, the same work on both sides, take {gap['fixed_ms']} ms; the "
+                  f"forward and backward matmuls alone need {gap['matmul_ms_at_model_shapes']} ms at the "
+                  f"{gap['matmul_gflops_per_second_at_model_shapes']:.0f} GFLOP/s this CPU reaches at the model's own "
+                  f"shapes: {gap['fixed_ms'] + gap['matmul_ms_at_model_shapes']:.1f} ms {verdict} in "
+                  f"{gap['target_step_ms']} ms.", ""]
+    return lines
 
 
 def main() -> None:
@@ -290,6 +373,7 @@ def main() -> None:
     parser.add_argument("--no-trainer", action="store_true", help="skip the transformers.Trainer side")
     parser.add_argument("--trainer-warmup", type=int, default=6,
                         help="unmeasured Trainer steps (torch.compile compiles, then recompiles for dynamic shapes)")
+    parser.add_argument("--anatomy-steps", type=int, default=30, help="bertflow steps timed phase by phase")
     parser.add_argument("--skip-serving", action="store_true", help="fine-tuning only (results not written)")
     args = parser.parse_args()
     tr.set_threads(args.threads)

@@ -71,6 +71,42 @@ def matmul_peak(dtype, warmup_seconds: float = 1.0, repeats: int = 3) -> float:
     return best
 
 
+def matmul_rate(shapes: list[tuple[int, int, int]], dtype, warmup_seconds: float = 1.0, repeats: int = 3) -> float:
+    """Best GFLOP/s of the products ``(m, k) @ (k, n)`` of ``shapes``, run in turn as one workload (a model's own
+    matrix shapes: what its matmuls can reach on this CPU, against ``matmul_peak``'s large squares)."""
+    import torch
+
+    pairs = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    deadline = time.perf_counter() + warmup_seconds
+    while time.perf_counter() < deadline:
+        for a, b in pairs:
+            a @ b
+    reps = max(3, int(2e10 / flops))
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(reps):
+            for a, b in pairs:
+                a @ b
+        best = max(best, flops * reps / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def linear_shapes(rows: int, features: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """The matrix products of training linear layers ``in -> out`` over ``rows`` rows: the forward pass, the
+    gradient of the input and the gradient of the weight."""
+    return [shape for k, n in features for shape in ((rows, k, n), (rows, n, k), (n, rows, k))]
+
+
+def bert_linears(config) -> list[tuple[int, int]]:
+    """Every linear layer of a BERT encoder, ``(in, out)``: query, key, value, attention output, intermediate,
+    output, per layer."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    return [(hidden, hidden)] * 4 * config.num_hidden_layers + [(hidden, inner), (inner, hidden)] * \
+        config.num_hidden_layers
+
+
 def throughput_figures(side, flops_per_token: float, peaks: dict, digits: int = 2) -> dict:
     """tokens/s, sequences/s, padding and MFU against the measured bf16/fp32 matmul peaks of a measured side (one
     with tokens, sequences, padded and seconds), given the model FLOPs per token of its work."""
@@ -81,6 +117,11 @@ def throughput_figures(side, flops_per_token: float, peaks: dict, digits: int = 
             "model_gflops_per_second": round(gflops, 1),
             "mfu_vs_bf16_peak": round(gflops / peaks["bf16"], 3),
             "mfu_vs_fp32_peak": round(gflops / peaks["fp32"], 3)}
+
+
+def thousands(value) -> str:
+    """``12,345`` for a number, ``–`` for a side that did not run."""
+    return f"{value:,}" if isinstance(value, int | float) else "–"
 
 
 def write_results(name: str, result: dict, markdown: str) -> None:
