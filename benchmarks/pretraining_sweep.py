@@ -42,12 +42,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS, ensure_output, machine, machine_line  # noqa: E402
+from bertflow.params import get_dotted, set_dotted  # noqa: E402
 from bertflow.paths import Paths  # noqa: E402
 from bertflow.timings import read_stage_report  # noqa: E402
 
 RECIPES = REPO / "benchmarks" / "pretraining_sweep.json"
-# The probe: 1,650 steps, what 5 minutes give on an idle 2-core machine (an SST-2 epoch, 1,894 steps, takes
-# ~345 s), counted in steps rather than minutes so that a busy machine slows the probe without changing it.
+# The probe: 1,650 steps, 0.87 of an SST-2 epoch (82-91 s on a 2-core bf16 CPU, against the default's 5 minutes,
+# ~3 epochs), counted in steps so that a busy machine slows it without changing it. --full runs the profile's own
+# fine-tuning instead, to show the probe ranks recipes as the default does.
 PROBE = {"finetune.budget_minutes": None, "finetune.max_steps": 1650}
 INPUTS = ("data/corpus", "data/labeled", "artifacts/tokenizer")
 PRETRAIN_DATA = "data/pretrain"
@@ -58,22 +60,6 @@ RECORD_KEYS = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "
 
 
 # ---------------------------------------------------------------- recipes (pure)
-
-
-def set_dotted(params: dict, key: str, value) -> None:
-    """``params[a][b][c] = value`` for the key ``a.b.c``."""
-    node = params
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
-
-
-def get_dotted(params: dict, key: str):
-    node = params
-    for part in key.split("."):
-        node = node.get(part, {}) if isinstance(node, dict) else {}
-    return node
 
 
 def recipe_params(profile_file: Path, overrides: dict, fine_tuning: dict) -> dict:

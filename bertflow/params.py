@@ -474,13 +474,27 @@ class Params(Section):
     schedule: ScheduleParams = ScheduleParams()
     distributed: DistributedParams = DistributedParams()
 
+    def budget_seconds(self, stage: str) -> float | None:
+        """``stage``'s wall-clock training budget in seconds, all its runs together; None where no clock bounds
+        it (a step or epoch budget, or a stage without one)."""
+        if stage == "pretrain":
+            minutes = self.pretrain.budget_minutes
+        elif stage == "finetune":
+            minutes = self.finetune.budget_minutes and self.finetune.budget_minutes * self.finetune.run_count
+        elif stage == "lm_baselines":
+            lstm = self.lm_baselines.lstm
+            minutes = lstm.budget_minutes if lstm.enabled else None
+        else:
+            minutes = None
+        return None if minutes is None else minutes * 60.0
+
 
 def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate a params file; ``overrides`` maps dotted keys to values."""
     path = Path(path)
     raw = _read_yaml(path)
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     try:
         params = Params.model_validate(raw, context={"base_dir": Path(os.path.abspath(path)).parent})
     except ValidationError as exc:
@@ -516,12 +530,21 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """``raw[a][b][c] = value`` for the key ``a.b.c`` of a params mapping, making the sections it lacks."""
     node = raw
     *parents, leaf = dotted.split(".")
     for key in parents:
         node = node.setdefault(key, {})
     node[leaf] = value
+
+
+def get_dotted(raw: dict, dotted: str) -> Any:
+    """``raw[a][b][c]`` for the key ``a.b.c`` of a params mapping; ``{}`` where a section is missing."""
+    node = raw
+    for key in dotted.split("."):
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    return node
 
 
 def _format_errors(path: Path, exc: ValidationError) -> str:

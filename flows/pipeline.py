@@ -168,25 +168,10 @@ def dvc_error(lines: list[str]) -> str:
     return lines[-1] if lines else "no output"
 
 
-def budget_seconds(stage: str, params) -> float | None:
-    """The stage's wall-clock training budget in seconds, all its runs together; None where no clock bounds it
-    (a step or epoch budget, or a stage without one)."""
-    if stage == "pretrain":
-        minutes = params.pretrain.budget_minutes
-    elif stage == "finetune":
-        minutes = params.finetune.budget_minutes and params.finetune.budget_minutes * params.finetune.run_count
-    elif stage == "lm_baselines":
-        lstm = params.lm_baselines.lstm
-        minutes = lstm.budget_minutes if lstm.enabled else None
-    else:
-        minutes = None
-    return None if minutes is None else minutes * 60.0
-
-
 def stage_timeout(stage: str, params) -> float:
     """The task timeout of ``stage``: ``BUDGET_FACTOR`` × its budget + ``BUDGET_ALLOWANCE_SECONDS``, or the
     ceiling when no clock bounds it. pretrain with ``budget_minutes: 20`` → 2 × 1200 + 1800 = 4200 s."""
-    budget = budget_seconds(stage, params)
+    budget = params.budget_seconds(stage)
     return CEILING_SECONDS if budget is None else round(BUDGET_FACTOR * budget + BUDGET_ALLOWANCE_SECONDS, 1)
 
 
