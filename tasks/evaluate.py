@@ -4,7 +4,8 @@ Reads: ``artifacts/classifier``, ``artifacts/ablation`` (the random-init classif
 models of further fine-tuning seeds, ``finetune.seeds``), ``artifacts/pretrained``,
 ``data/labeled/{train,test}.parquet``, ``data/pretrain/heldout``.
 Writes: ``reports/evaluate/`` (``predictions.csv`` with id, text, label, predicted and per-class
-scores; ``confusion.json``; ``confusion.png``) and ``reports/evaluate.json``, where the test accuracy
+scores; ``seeds.csv``, right or wrong per row for each fine-tuning seed of the classifier and of its
+random-init twin; ``confusion.json``; ``confusion.png``) and ``reports/evaluate.json``, where the test accuracy
 carries a seeded 95 % bootstrap interval, each baseline McNemar's exact test against the classifier
 on the same rows, and ``pretraining_gain`` what pretraining bought over random init across every seed
 (mean accuracies, the gain with its interval, the exact paired sign-flip test; the same against TF-IDF;
@@ -76,6 +77,18 @@ def write_predictions(path: Path, texts: list[str], labels: np.ndarray, scores: 
         writer.writerow(["id", "text", "label", "predicted", *[f"score_{name}" for name in names]])
         for i, (text, label, row) in enumerate(zip(texts, labels, scores, strict=True)):
             writer.writerow([i, text, names[label], names[int(row.argmax())], *[f"{s:.7f}" for s in row]])
+
+
+def write_seed_correctness(path: Path, correct: dict[str, np.ndarray], seeds: list[int]) -> None:
+    """Right (1) or wrong (0) per test row for each kind's fine-tuning seed: what a paired test between two runs
+    of the pipeline needs (``benchmarks/pretraining_sweep.py`` compares recipes with it)."""
+    columns = [f"{kind}_seed{seeds[i]}" if i < len(seeds) else kind for kind, rows in correct.items()
+               for i in range(len(rows))]  # no seeds recorded (finetune without ablation.json): one per kind
+    table = np.stack([row for rows in correct.values() for row in rows], axis=1).astype(int)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", *columns])
+        writer.writerows([i, *flags] for i, flags in enumerate(table.tolist()))
 
 
 def plot_confusion(path: Path, matrix: list[list[int]], names: list[str], title: str) -> None:
@@ -219,13 +232,14 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     if "random_init" in baselines:
         first["random_init"] = baselines["random_init"][1] == labels
     seeds = ablation_seeds(paths)
-    gain = pretraining_gain(seed_correctness(paths, params, test, names, first, seeds), baselines, labels, seeds,
-                            params)
+    correct = seed_correctness(paths, params, test, names, first, seeds)
+    gain = pretraining_gain(correct, baselines, labels, seeds, params)
     if gain is not None:
         figures["pretraining_gain"] = gain
     figures["pretrained_heldout"] = evaluate_pretrained(paths, params)
     with atomic_dirs([paths.reports / "evaluate"]) as (folder,):
         write_predictions(folder / "predictions.csv", test[0], labels, scores, names)
+        write_seed_correctness(folder / "seeds.csv", correct, seeds)
         write_json(folder / "confusion.json", {"labels": names, "matrix": report["confusion_matrix"]})
         plot_confusion(folder / "confusion.png", report["confusion_matrix"], names,
                        f"test accuracy {report['accuracy']:.3f}")

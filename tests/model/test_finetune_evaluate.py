@@ -147,6 +147,13 @@ def test_several_fine_tuning_seeds_give_pretrainings_gain_over_all_of_them(tiny_
     assert gain["gain"] == pytest.approx(gain["classifier_accuracy"] - gain["other_accuracy"], abs=2e-5)
     assert gain["gain_interval"]["lower"] <= gain["gain"] <= gain["gain_interval"]["upper"]
     assert (gain["better"] == "neither at 5 %") == (gain["p_value"] >= 0.05)
+    with open(root / "reports/evaluate/seeds.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))  # what a paired test between two pipeline runs needs
+    assert list(rows[0]) == ["id", "pretrained_seed42", "pretrained_seed43", "random_init_seed42",
+                             "random_init_seed43"] and len(rows) == figures["test_rows"]
+    for column, accuracy in (("pretrained_seed43", gain["classifier_accuracy_by_seed"][1]),
+                             ("random_init_seed42", gain["random_init_accuracy_by_seed"][0])):
+        assert sum(int(row[column]) for row in rows) / len(rows) == pytest.approx(accuracy, abs=1e-5)
     verdict = pretraining_verdict(figures)
     assert verdict.startswith(("Pretraining paid", "Pretraining cost", "Pretraining did not pay")), verdict
     assert "2 seeds" in verdict and "TF-IDF" in verdict
