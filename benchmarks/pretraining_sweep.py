@@ -19,7 +19,8 @@ the project (built through DVC, ``dvc repro pretrain_data``, when missing). Writ
 ``pretrain_data``), ``<work>/ablation/<key>/`` and the results above.
 
     python benchmarks/pretraining_sweep.py                         # every recipe, probe fine-tuning
-    python benchmarks/pretraining_sweep.py --recipes base,preln_lr2e3 --full   # the full fine-tuning budget
+    python benchmarks/pretraining_sweep.py --recipes base,preln_electra --full   # the default fine-tuning on the
+        # probe runs' encoders (pretrained again where none is left), into benchmarks/results/pretraining_sweep_full
     python benchmarks/pretraining_sweep.py --profile params.tiny.yaml --project /tmp/tiny \\
         --results /tmp/sweep-results --seeds 2     # smoke run on a tiny project (ingest..pretrain_data there)
 """
@@ -27,6 +28,7 @@ the project (built through DVC, ``dvc repro pretrain_data``, when missing). Writ
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -44,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import RESULTS, ensure_output, machine, machine_line  # noqa: E402
 from bertflow.params import get_dotted, set_dotted  # noqa: E402
 from bertflow.paths import Paths  # noqa: E402
+from bertflow.statistics import paired_runs  # noqa: E402
 from bertflow.timings import read_stage_report  # noqa: E402
 
 RECIPES = REPO / "benchmarks" / "pretraining_sweep.json"
@@ -52,6 +55,9 @@ RECIPES = REPO / "benchmarks" / "pretraining_sweep.json"
 # fine-tuning instead, to show the probe ranks recipes as the default does.
 PROBE = {"finetune.budget_minutes": None, "finetune.max_steps": 1650}
 INPUTS = ("data/corpus", "data/labeled", "artifacts/tokenizer")
+# What the pretrain stage leaves (dvc.yaml's outs and metrics), linked into a --full run from its probe run.
+PRETRAINED = ("artifacts/pretrained", "reports/pretrain", "reports/pretrain.json", "reports/timing/pretrain.json")
+PRETRAINING_KEYS = ("ingest", "tokenizer", "pretrain_data", "pretrain")
 PRETRAIN_DATA = "data/pretrain"
 ABLATION_KEYS = ("pretrain.architecture", "pretrain.model", "finetune", "ingest", "tokenizer")
 # What a recipe's figures depend on: the stages it runs and the data they read. Other sections (lm_baselines,
@@ -89,20 +95,47 @@ def own_pretraining_data(params: dict, profile: dict) -> bool:
 
 
 def figures(root: Path, recipe: str, params_hash: str, seconds: dict) -> dict:
-    """What the table needs from the recipe's reports."""
+    """What the table needs from the recipe's reports, with each test row's right/wrong per seed (for the paired
+    test against the base recipe)."""
     pretrain = read_stage_report(Paths(root), "pretrain")  # results and timings (tokens_per_second)
     evaluation = json.loads((root / "reports/evaluate.json").read_text())
     gain = evaluation["pretraining_gain"]
     return {"recipe": recipe, "params_hash": params_hash, "seconds": seconds,
             "pretrain": {key: pretrain.get(key) for key in ("steps", "tokens", "tokens_per_second", "heldout",
                                                             "heldout_at_start")},
-            "test_accuracy": evaluation["test"]["accuracy"], "pretraining_gain": gain}
+            "test_accuracy": evaluation["test"]["accuracy"], "pretraining_gain": gain,
+            "correct_by_seed": seed_correctness(root / "reports/evaluate/seeds.csv")}
 
 
-def table(records: list[dict]) -> list[str]:
+def seed_correctness(path: Path) -> dict[str, list[str]]:
+    """evaluate's ``seeds.csv`` as ``{kind: ["0110…" per seed]}``: compact, and enough for a paired test."""
+    with open(path, encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    kinds: dict[str, list[str]] = {}
+    for column in list(rows[0])[1:]:
+        kinds.setdefault(column.split("_seed")[0], []).append("".join(row[column] for row in rows))
+    return kinds
+
+
+def against_base(record: dict, base: dict | None) -> dict | None:
+    """The recipe's classifiers against the base recipe's, seed by seed on the same test rows: the gain with its
+    interval and the exact paired sign-flip test (``bertflow.statistics.paired_runs``)."""
+    if base is None or record is base or "correct_by_seed" not in record or "correct_by_seed" not in base:
+        return None
+    flags = [[[int(c) for c in run] for run in side["correct_by_seed"]["pretrained"]] for side in (record, base)]
+    return paired_runs(*flags)
+
+
+def table(records: list[dict], base_name: str = "base") -> list[str]:
     rows = ["| recipe | tokens | held-out | test accuracy per seed | mean | random init (mean) | gain, 95 % "
-            "interval | paired p | vs TF-IDF (p) |", "|---|---|---|---|---|---|---|---|---|"]
+            f"interval | paired p | vs TF-IDF (p) | vs {base_name}, 95 % interval (p) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    base = next((record for record in records if record["recipe"] == base_name), None)
     for record in records:
+        versus = against_base(record, base)
+        vs_base = "–" if versus is None else (
+            f"{100 * versus['gain']:+.2f} [{100 * versus['gain_interval']['lower']:+.1f}, "
+            f"{100 * versus['gain_interval']['upper']:+.1f}] ({versus['p_value']:.2g})")
         gain, held = record["pretraining_gain"], record["pretrain"].get("heldout") or {}
         heldout = ", ".join(f"{key} {value}" for key, value in held.items() if key not in ("instances", "step"))
         tfidf = gain.get("tfidf_logreg", {})
@@ -112,7 +145,7 @@ def table(records: list[dict]) -> list[str]:
             f"{100 * gain['classifier_accuracy']:.2f} | {100 * gain['other_accuracy']:.2f} | "
             f"{100 * gain['gain']:+.2f} [{100 * gain['gain_interval']['lower']:+.1f}, "
             f"{100 * gain['gain_interval']['upper']:+.1f}] | {gain['p_value']:.2g} | "
-            f"{100 * tfidf.get('gain', float('nan')):+.2f} ({tfidf.get('p_value', float('nan')):.2g}) |")
+            f"{100 * tfidf.get('gain', float('nan')):+.2f} ({tfidf.get('p_value', float('nan')):.2g}) | {vs_base} |")
     return rows
 
 
@@ -144,9 +177,20 @@ def link(project: Path, root: Path, paths: tuple[str, ...]) -> None:
             target.symlink_to((project / rel).resolve())
 
 
-def run_recipe(name: str, params: dict, profile: dict, project: Path, work: Path) -> tuple[Path, dict]:
-    """Pretrain, fine-tune (or graft the shared random-init twins) and evaluate one recipe in its own project."""
-    root = work / name
+def pretrained_by(folder: Path, params: dict) -> bool:
+    """Whether ``folder`` holds a finished pretraining with ``params``'s pretraining settings."""
+    done = folder / "params.yaml"
+    if not (done.is_file() and all((folder / rel).exists() for rel in PRETRAINED)):
+        return False
+    earlier = yaml.safe_load(done.read_text())
+    return all(earlier.get(key) == params[key] for key in PRETRAINING_KEYS)
+
+
+def run_recipe(name: str, params: dict, profile: dict, project: Path, work: Path,
+               pretrained: Path | None = None) -> tuple[Path, dict]:
+    """Pretrain, fine-tune (or graft the shared random-init twins) and evaluate one recipe in its own project;
+    with ``pretrained`` (a folder whose pretraining had these settings), its encoder instead of pretraining."""
+    root = work / (name if pretrained is None else f"{name}--full")
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     shared = work / "ablation" / ablation_key(params)
@@ -156,9 +200,12 @@ def run_recipe(name: str, params: dict, profile: dict, project: Path, work: Path
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     seconds = {}
     link(project, root, INPUTS if own_pretraining_data(params, profile) else (*INPUTS, PRETRAIN_DATA))
-    if own_pretraining_data(params, profile):
+    if pretrained is not None:  # its encoder, and the held-out data evaluate scores it on
+        link(pretrained, root, (*PRETRAINED, PRETRAIN_DATA) if own_pretraining_data(params, profile) else PRETRAINED)
+        seconds["pretrained_from"] = str(pretrained)
+    elif own_pretraining_data(params, profile):
         seconds["pretrain_data"] = bertflow("pretrain_data", params_file, root)
-    for stage in ("pretrain", "finetune"):
+    for stage in ("finetune",) if pretrained is not None else ("pretrain", "finetune"):
         seconds[stage] = bertflow(stage, params_file, root)
         seconds[f"load_after_{stage}"] = [round(load, 2) for load in os.getloadavg()]  # 2.0: the sweep alone
     if twins:
@@ -206,8 +253,10 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="the profile's own fine-tuning budget, not the probe")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bertflow-sweep"))
-    parser.add_argument("--results", type=Path, default=RESULTS / "pretraining_sweep")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="default: benchmarks/results/pretraining_sweep (with --full: pretraining_sweep_full)")
     args = parser.parse_args()
+    args.results = args.results or RESULTS / ("pretraining_sweep_full" if args.full else "pretraining_sweep")
     recipes = json.loads(args.file.read_text())
     chosen = args.recipes.split(",") if args.recipes else list(recipes)
     unknown = [name for name in chosen if name not in recipes]
@@ -223,10 +272,19 @@ def main() -> None:
         params_hash = record_hash(params)
         done = args.results / f"{name}.json"
         if done.is_file() and json.loads(done.read_text())["params_hash"] == params_hash:
-            print(f"== {name}: recorded with these params, skipped", flush=True)
+            record = json.loads(done.read_text())
+            root = args.work / name
+            if "correct_by_seed" not in record and (root / "reports/evaluate.json").is_file():
+                print(f"== {name}: recorded before evaluate kept each seed's rows; scored again", flush=True)
+                seconds = {**record["seconds"], "evaluate": bertflow("evaluate", root / "params.yaml", root)}
+                done.write_text(json.dumps(figures(root, name, params_hash, seconds), indent=2) + "\n")
+            else:
+                print(f"== {name}: recorded with these params, skipped", flush=True)
             continue
         print(f"== {name}", flush=True)
-        root, seconds = run_recipe(name, params, profile, project, args.work)
+        probe_run = args.work / name
+        reuse = probe_run if args.full and pretrained_by(probe_run, params) else None
+        root, seconds = run_recipe(name, params, profile, project, args.work, reuse)
         done.write_text(json.dumps(figures(root, name, params_hash, seconds), indent=2) + "\n")
         write_table(args.results, args.profile, fine_tuning)
     write_table(args.results, args.profile, fine_tuning)
