@@ -152,3 +152,53 @@ def test_electra_runs_every_later_stage_and_is_served_without_bertflow(electra, 
         saved = list(csv.DictReader(handle))[:8]
     champion = consume(store, "models:/bertflow-tiny@champion", [row["text"] for row in saved])
     assert champion["label"] == [row["predicted"] for row in saved]  # what evaluate saved, without bertflow
+
+
+def test_the_electra_discriminator_learns_to_detect_replacements_where_that_is_easy():
+    """A known answer for the loss itself, apart from any budget: on rows of one word piece repeated, a replaced
+    piece is whatever differs from its neighbours. The replaced-token loss reaches the discriminator's encoder and
+    not the generator (ELECTRA samples without a gradient), and the pre-LN discriminator trained on
+    ``electra_loss`` (the generator's samples as the replacements, the stage's optimizer) separates replaced from
+    original pieces (held-out ROC-AUC > 0.9 within 400 steps; 0.98 measured at 250): labels that do not belong to
+    their positions stay at 0.5, as the collapsed 20-minute run of the sweep did."""
+    import torch
+    from transformers import MegatronBertConfig
+
+    from bertflow import electra
+    from bertflow import training as tr
+    from bertflow.metrics import roc_auc
+
+    config = MegatronBertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0)
+    model = electra.construct(config, 0.25, seed=0, attention="eager")
+    optimizer = tr.adamw(model, 2e-3, 0.01)
+    rows = torch.Generator().manual_seed(0)
+
+    def batch() -> dict:
+        ids = torch.randint(5, 55, (32, 1), generator=rows).expand(32, 48).clone()
+        selected = torch.rand(32, 48, generator=rows) < 0.15
+        return {"input_ids": torch.where(selected, torch.full_like(ids, 1), ids),  # 1: the mask piece here
+                "labels": torch.where(selected, ids, torch.full_like(ids, -100)),
+                "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+    out = electra.electra_loss(model, batch(), electra.noise_generator("routing", model.device), 50.0)
+    out.rtd_loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for name, p in
+               model.discriminator.encoder.named_parameters() if name.endswith("weight"))  # (a key bias's is 0)
+    assert all(p.grad is None for p in model.generator.encoder.parameters())
+    optimizer.zero_grad(set_to_none=True)
+    for step in range(400):
+        out = electra.electra_loss(model, batch(), electra.noise_generator(f"train/{step}", model.device), 50.0)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        held = [electra.electra_loss(model, batch(), electra.noise_generator(f"held/{i}", model.device), 50.0)
+                for i in range(4)]
+    scores = torch.cat([out.rtd_scores for out in held]).numpy()
+    labels = torch.cat([out.rtd_labels for out in held]).numpy()
+    assert 0 < labels.mean() < 0.2  # the generator still replaces some pieces
+    assert roc_auc(scores, labels) > 0.9
