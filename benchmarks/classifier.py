@@ -267,7 +267,7 @@ def register(run_id: str, folder: Path, alias: str, runtime: str = "torch", name
 
     from tasks.register import log_model
 
-    uri = log_model(run_id, folder, example=["a gripping, funny film"], name=f"form-{alias}", runtime=runtime)
+    uri = log_model(run_id, folder, example=["a gripping, funny film"], name=f"form-{alias}", runtime=runtime).model_uri
     version = mlflow.register_model(uri, name)
     MlflowClient().set_registered_model_alias(name, alias, version.version)
     return f"models:/{name}@{alias}"
