@@ -271,8 +271,8 @@ def main() -> None:
         params = recipe_params(args.profile, recipes[name], fine_tuning)
         params_hash = record_hash(params)
         done = args.results / f"{name}.json"
-        if done.is_file() and json.loads(done.read_text())["params_hash"] == params_hash:
-            record = json.loads(done.read_text())
+        record = json.loads(done.read_text()) if done.is_file() else {}
+        if record.get("params_hash") == params_hash:
             root = args.work / name
             if "correct_by_seed" not in record and (root / "reports/evaluate.json").is_file():
                 print(f"== {name}: recorded before evaluate kept each seed's rows; scored again", flush=True)
