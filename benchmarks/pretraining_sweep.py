@@ -63,6 +63,9 @@ ABLATION_KEYS = ("pretrain.architecture", "pretrain.model", "finetune", "ingest"
 # What a recipe's figures depend on: the stages it runs and the data they read. Other sections (lm_baselines,
 # optimize, register, ...) may change without re-running recorded recipes.
 RECORD_KEYS = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "evaluate")
+# Settings added after recipes were recorded, at the value that does what the code did before: left out of the
+# comparison while they hold it, so a new setting does not make every recorded recipe (and pretraining) stale.
+NEUTRAL = {"pretrain.embedding_init_std": None}
 
 
 # ---------------------------------------------------------------- recipes (pure)
@@ -81,7 +84,18 @@ def digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def comparable(params: dict) -> dict:
+    """``params`` without the ``NEUTRAL`` settings that hold their neutral value."""
+    params = json.loads(json.dumps(params))
+    for key, value in NEUTRAL.items():
+        section, _, name = key.rpartition(".")
+        if get_dotted(params, section).get(name, value) == value:
+            get_dotted(params, section).pop(name, None)
+    return params
+
+
 def record_hash(params: dict) -> str:
+    params = comparable(params)
     return digest({key: params[key] for key in RECORD_KEYS})
 
 
@@ -182,7 +196,7 @@ def pretrained_by(folder: Path, params: dict) -> bool:
     done = folder / "params.yaml"
     if not (done.is_file() and all((folder / rel).exists() for rel in PRETRAINED)):
         return False
-    earlier = yaml.safe_load(done.read_text())
+    earlier, params = comparable(yaml.safe_load(done.read_text())), comparable(params)
     return all(earlier.get(key) == params[key] for key in PRETRAINING_KEYS)
 
 

@@ -29,7 +29,7 @@ from transformers.models.electra.modeling_electra import ElectraDiscriminatorPre
 
 from bertflow import architectures
 from bertflow.io import InputError
-from bertflow.model import PretrainingOutput, masked_lm_loss
+from bertflow.model import PretrainingOutput, init_embeddings, masked_lm_loss
 from bertflow.params import generator_sizes
 
 EXTRAS = "electra"  # the sub-folder of the pretrained model holding the generator and the heads
@@ -89,13 +89,16 @@ def generator_config(config, fraction: float):
     return small
 
 
-def construct(config, fraction: float, seed: int, attention: str = "sdpa") -> Electra:
-    """Random weights from ``seed``; ``attention`` (eager or sdpa) as for the other objectives."""
+def construct(config, fraction: float, seed: int, attention: str = "sdpa",
+              embedding_std: float | None = None) -> Electra:
+    """Random weights from ``seed``; ``attention`` (eager or sdpa) and ``embedding_std`` (the shared embedding
+    tables' initial standard deviation) as for the other objectives."""
     architecture = architectures.architecture_of(config.model_type, "model config")
     encoder = architectures.encoder_class(architecture)
     torch.manual_seed(seed)
     model = Electra(encoder(config, add_pooling_layer=False),
                     encoder(generator_config(config, fraction), add_pooling_layer=False))
+    init_embeddings(model.discriminator.embeddings, embedding_std)
     for part in (model.discriminator, model.generator):
         architectures.set_attention(part, attention)
     return model

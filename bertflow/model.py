@@ -38,12 +38,28 @@ def check_positions(config: PretrainedConfig, max_seq_length: int, where: str) -
                          f"max_position_embeddings={config.max_position_embeddings}")
 
 
-def construct_pretraining_model(config: PretrainedConfig, seed: int, attention: str = "sdpa") -> PreTrainedModel:
-    """Random weights from ``seed``; ``attention`` ("eager" or "sdpa") is a run-time choice, not saved."""
+def construct_pretraining_model(config: PretrainedConfig, seed: int, attention: str = "sdpa",
+                                embedding_std: float | None = None) -> PreTrainedModel:
+    """Random weights from ``seed``; ``attention`` ("eager" or "sdpa") is a run-time choice, not saved;
+    ``embedding_std``: the embedding tables' initial standard deviation (``init_embeddings``)."""
     torch.manual_seed(seed)
     model = architectures.pretraining_class(architectures.architecture_of(config.model_type, "model config"))(config)
+    init_embeddings(model.bert.embeddings, embedding_std)
     architectures.set_attention(model, attention)
     return model
+
+
+@torch.no_grad()
+def init_embeddings(embeddings: torch.nn.Module, std: float | None) -> None:
+    """Draw the word-piece, position and segment tables again from normal(0, ``std``) (None: keep the config's
+    ``initializer_range``), the padding row zero as before. The word-piece table is also the masked LM's output
+    layer (tied), so a larger ``std`` also widens the initial logits."""
+    if std is None:
+        return
+    for table in (embeddings.word_embeddings, embeddings.position_embeddings, embeddings.token_type_embeddings):
+        table.weight.normal_(0.0, std)
+        if table.padding_idx is not None:
+            table.weight[table.padding_idx].zero_()
 
 
 def load_classifier(path: Path, labels: list[str] | None = None, dropout: float | None = None,

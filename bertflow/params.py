@@ -183,6 +183,11 @@ class PretrainParams(BudgetFields):
         "mlm_nsp", description="mlm_nsp: masked LM + next-sentence prediction (BERT); mlm: masked LM alone "
         "(RoBERTa); electra: replaced-token detection against a small masked-LM generator")
     electra: ElectraParams = ElectraParams()
+    embedding_init_std: float | None = Field(
+        None, gt=0, le=1, description="standard deviation of the word-piece, position and segment embeddings at "
+        "initialisation (null: the config's initializer_range, 0.02). Pre-LN BERT has no LayerNorm after its "
+        "embeddings, so at 0.02 the first attention layer's output, nearly the same at every position, drowns them "
+        "(benchmarks/results/pretraining_sweep.md); from scratch only")
     short_seq_fraction: float = Field(
         0.0, ge=0, lt=1, description="the first fraction of the budget trains on instances cut to short_seq_length "
         "(a sequence-length schedule; 0: off); held-out figures always use full instances")
@@ -213,6 +218,13 @@ class PretrainParams(BudgetFields):
     @classmethod
     def _init_exists(cls, value: str, info: ValidationInfo) -> str:
         return value if value == SCRATCH else _check_local_path(value, info)
+
+    @model_validator(mode="after")
+    def _embedding_init_from_scratch(self):
+        if self.embedding_init_std is not None and self.init != SCRATCH:
+            raise ValueError(f"embedding_init_std {self.embedding_init_std} initialises a model from scratch, but "
+                             f"init is {self.init}; set init: scratch or embedding_init_std: null")
+        return self
 
     @model_validator(mode="after")
     def _generator_heads_divide(self):

@@ -24,7 +24,6 @@ from bertflow.progress import Progress, fraction_done
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
-NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layernorm", "layer_norm")
 
 
 # ---------------------------------------------------------------- set-up
@@ -63,11 +62,14 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases and LayerNorm parameters."""
+    """AdamW groups: no weight decay on biases and on LayerNorm parameters, the norms found by their module type
+    (MegatronBert names its LayerNorms ``ln``, which a match on ``LayerNorm`` in the name misses)."""
+    norms = {id(param) for module in model.modules() if isinstance(module, torch.nn.LayerNorm)
+             for param in module.parameters(recurse=False)}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if any(key in name for key in NO_DECAY) else decay).append(param)
+            (no_decay if name.endswith("bias") or id(param) in norms else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -363,8 +363,9 @@ def construct_model(config, params: PretrainParams):
     if params.objective == "electra":
         from bertflow import electra
 
-        return electra.construct(config, params.electra.generator_size, params.seed, params.attention)
-    model = construct_pretraining_model(config, params.seed, params.attention)
+        return electra.construct(config, params.electra.generator_size, params.seed, params.attention,
+                                 params.embedding_init_std)
+    model = construct_pretraining_model(config, params.seed, params.attention, params.embedding_init_std)
     freeze_unused_heads(model, params)
     return model
 

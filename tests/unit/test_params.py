@@ -39,6 +39,8 @@ def test_default_params_files_are_valid():
                                     model={**p["pretrain"]["model"], "num_attention_heads": 4}), "pretrain",
      "electra.generator_size 0.9 gives a generator of hidden_size 29 and 4 heads, which do not divide it"),
     (lambda p: p["pretrain"].update(electra={"rtd_weight": 0}), "pretrain.electra.rtd_weight", "greater than 0"),
+    (lambda p: p["pretrain"].update(init="hf:prajjwal1/bert-mini", embedding_init_std=0.1), "pretrain",
+     "embedding_init_std 0.1 initialises a model from scratch, but init is hf:prajjwal1/bert-mini"),
 ])
 def test_bad_params_name_the_key(tiny, edit, key, expected):
     params, folder = tiny
