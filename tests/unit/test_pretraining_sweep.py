@@ -3,7 +3,7 @@ hash of the params its figures depend on; a setting added later at its neutral v
 
 import json
 
-from benchmarks.pretraining_sweep import PROBE, RECIPES, record_hash, recipe_params
+from benchmarks.pretraining_sweep import PROBE, RECIPES, recipe_params, record_hash
 from tests.conftest import REPO
 
 
