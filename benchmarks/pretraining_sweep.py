@@ -28,6 +28,7 @@ the project (built through DVC, ``dvc repro pretrain_data``, when missing). Writ
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import hashlib
 import json
@@ -86,7 +87,7 @@ def digest(value) -> str:
 
 def comparable(params: dict) -> dict:
     """``params`` without the ``NEUTRAL`` settings that hold their neutral value."""
-    params = json.loads(json.dumps(params))
+    params = copy.deepcopy(params)
     for key, value in NEUTRAL.items():
         section, _, name = key.rpartition(".")
         if get_dotted(params, section).get(name, value) == value:
