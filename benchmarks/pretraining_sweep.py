@@ -141,16 +141,24 @@ def against_base(record: dict, base: dict | None) -> dict | None:
     return paired_runs(*flags)
 
 
-def table(records: list[dict], base_name: str = "base") -> list[str]:
+def versus_cell(record: dict, reference: dict | None) -> str:
+    versus = against_base(record, reference)
+    return "–" if versus is None else (
+        f"{100 * versus['gain']:+.2f} [{100 * versus['gain_interval']['lower']:+.1f}, "
+        f"{100 * versus['gain_interval']['upper']:+.1f}] ({versus['p_value']:.2g})")
+
+
+def table(records: list[dict], base_name: str = "base", default_name: str | None = None) -> list[str]:
+    """The sweep's table: each recipe against random init, TF-IDF and the base recipe, and, when one of the
+    recorded recipes is the profile's own (``default_name``) and not the base, against that too."""
+    names = [base_name] + ([default_name] if default_name and default_name != base_name else [])
+    references = [next((record for record in records if record["recipe"] == name), None) for name in names]
+    head = " | ".join(f"vs {name}, 95 % interval (p)" for name in names)
     rows = ["| recipe | tokens | held-out | test accuracy per seed | mean | random init (mean) | gain, 95 % "
-            f"interval | paired p | vs TF-IDF (p) | vs {base_name}, 95 % interval (p) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    base = next((record for record in records if record["recipe"] == base_name), None)
+            f"interval | paired p | vs TF-IDF (p) | {head} |",
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(names)]
     for record in records:
-        versus = against_base(record, base)
-        vs_base = "–" if versus is None else (
-            f"{100 * versus['gain']:+.2f} [{100 * versus['gain_interval']['lower']:+.1f}, "
-            f"{100 * versus['gain_interval']['upper']:+.1f}] ({versus['p_value']:.2g})")
+        versus = " | ".join(versus_cell(record, reference) for reference in references)
         gain, held = record["pretraining_gain"], record["pretrain"].get("heldout") or {}
         heldout = ", ".join(f"{key} {value}" for key, value in held.items() if key not in ("instances", "step"))
         tfidf = gain.get("tfidf_logreg", {})
@@ -160,7 +168,7 @@ def table(records: list[dict], base_name: str = "base") -> list[str]:
             f"{100 * gain['classifier_accuracy']:.2f} | {100 * gain['other_accuracy']:.2f} | "
             f"{100 * gain['gain']:+.2f} [{100 * gain['gain_interval']['lower']:+.1f}, "
             f"{100 * gain['gain_interval']['upper']:+.1f}] | {gain['p_value']:.2g} | "
-            f"{100 * tfidf.get('gain', float('nan')):+.2f} ({tfidf.get('p_value', float('nan')):.2g}) | {vs_base} |")
+            f"{100 * tfidf.get('gain', float('nan')):+.2f} ({tfidf.get('p_value', float('nan')):.2g}) | {versus} |")
     return rows
 
 
@@ -251,10 +259,13 @@ def recorded(results: Path) -> list[dict]:
 
 def write_table(results: Path, profile: Path, fine_tuning: dict) -> None:
     records = recorded(results)
+    own = record_hash(recipe_params(profile, {}, fine_tuning))  # the profile as it is: its default recipe
+    default = next((record["recipe"] for record in records if record["params_hash"] == own), None)
     lines = [f"# Pretraining recipes on {profile.name}'s budget ({machine_line(machine())})", "",
              f"Fine-tuning: {json.dumps(fine_tuning)}; `python benchmarks/pretraining_sweep.py` re-runs what "
              "is missing. Paired p: the exact sign-flip test over the test rows across seeds (evaluate's "
-             "`pretraining_gain`).", "", *table(records), ""]
+             f"`pretraining_gain`). The profile's own recipe: {default or 'not recorded'}.", "",
+             *table(records, default_name=default), ""]
     (results.parent / f"{results.name}.md").write_text("\n".join(lines))
     print("\n".join(lines), flush=True)
 
