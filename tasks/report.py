@@ -254,6 +254,12 @@ def comparison_section(evaluation: dict) -> str:
                           "only the baseline right (c)", "exact McNemar p", "verdict"], rows) if rows else "")
 
 
+def lstm_name(lstm: dict) -> str:
+    if lstm.get("enabled") is False:
+        return "LSTM: not trained in this run (lm_baselines.lstm.enabled: false)"
+    return f"LSTM ({number(lstm.get('steps', '?'))} steps, {number(lstm.get('train_seconds', '?'))} s)"
+
+
 def language_models_section(reports: dict, paths: Paths) -> str:
     lms = reports.get("lm_baselines")
     if not lms:
@@ -264,8 +270,7 @@ def language_models_section(reports: dict, paths: Paths) -> str:
         ["unigram (add-one)", "each piece, no context", lms.get("unigram", {}).get("heldout_perplexity", "–"), "–"],
         [f"bigram, interpolated Kneser-Ney (d = {bigram.get('discount', '?')})", "each piece from the one before",
          bigram.get("heldout_perplexity", "–"), bigram.get("train_perplexity", "–")],
-        [f"LSTM ({number(lstm.get('steps', '?'))} steps, {number(lstm.get('train_seconds', '?'))} s)",
-         "each piece from all before it", lstm.get("heldout_perplexity", "–"), "–"],
+        [lstm_name(lstm), "each piece from all before it", lstm.get("heldout_perplexity", "–"), "–"],
         ["BERT masked LM (pseudo-perplexity)", "masked pieces from both sides", held.get("mlm_perplexity", "–"), "–"],
     ]
     body = (f"<p>Held-out split: {number(tokens.get('heldout_sentences', '–'))} sentences, "
@@ -274,6 +279,8 @@ def language_models_section(reports: dict, paths: Paths) -> str:
             f"Trained on {number(tokens.get('train_sentences', '–'))} train-split sentences.</p>")
     body += table(["model", "predicts", "held-out perplexity", "train perplexity"], rows)
     body += f"<p>{esc(MLM_VS_LM)}</p>"
+    if lstm.get("enabled") is False:
+        return body
     return body + chart_or_note(curve(paths.reports / "lm_baselines" / "lstm.csv", "step", ["loss"]), "step",
                                 "loss (nats per piece)", "LSTM language model: training loss",
                                 "reports/lm_baselines/lstm.csv")

@@ -71,6 +71,18 @@ def tiny_params(tmp_path: Path) -> dict:
     }
 
 
+def tiny_profile() -> dict:
+    """params.tiny.yaml as a dict whose input paths (read relative to the params file) are absolute, so that a
+    changed copy written anywhere reads the same data."""
+    params = yaml.safe_load((REPO / "params.tiny.yaml").read_text())
+    ingest = params["ingest"]
+    for source in ingest["corpus"]["sources"]:
+        source["path"] = str((REPO / source["path"]).resolve())
+    for split in ("train", "dev", "test"):
+        ingest["labeled"][split] = str((REPO / ingest["labeled"][split]).resolve())
+    return params
+
+
 def write_params(folder: Path, params: dict, name: str = "params.yaml") -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")

@@ -41,3 +41,20 @@ def test_an_empty_heldout_split_is_named(tiny_run, tmp_path):
     with pytest.raises(InputError, match=r"heldout\.parquet: no sentences with word pieces"):
         run_stage("lm_baselines", REPO / "params.tiny.yaml", root)
     assert not (root / "reports" / "lm_baselines").exists()
+
+
+def test_with_the_lstm_off_the_stage_scores_the_counting_models_and_the_report_says_so(tiny_run, tmp_path):
+    from tasks.cli import run_stage
+    from tasks.report import language_models_section
+    from tests.conftest import tiny_profile, write_params
+
+    root = copy_outputs(tiny_run, tmp_path / "project")
+    params = tiny_profile()
+    params["lm_baselines"]["lstm"]["enabled"] = False
+    figures = run_stage("lm_baselines", write_params(tmp_path, params), root)
+    assert figures["lstm"] == {"enabled": False}
+    assert figures["bigram"]["heldout_perplexity"] < figures["unigram"]["heldout_perplexity"]
+    assert not (root / "reports" / "lm_baselines" / "lstm.csv").exists()  # no curve left from an earlier run
+    section = language_models_section({"lm_baselines": figures}, Paths(root))
+    assert "LSTM: not trained in this run (lm_baselines.lstm.enabled: false)" in section
+    assert "No curve" not in section

@@ -3,10 +3,8 @@ slice) through the flow's own ``stream`` (output a pipe, every line to the task 
 
 import re
 
-import yaml
-
 from flows.pipeline import stream
-from tests.conftest import REPO, copy_outputs, write_params
+from tests.conftest import REPO, copy_outputs, tiny_profile, write_params
 
 LINE = re.compile(r"lm_baselines lstm: (\d+)% \| step (\d+)/20 \| [\d.]+ (?:steps/s|s/step) \| "
                   r"\S+ elapsed, ETA (\S+) \| loss [\d.]+$")
@@ -24,13 +22,8 @@ class TaskLog:
 
 def test_lm_baselines_progress_comes_out_as_lines_in_a_pipe(tiny_run, tmp_path):
     root = copy_outputs(tiny_run, tmp_path / "project")
-    params = yaml.safe_load((REPO / "params.tiny.yaml").read_text())
+    params = tiny_profile()
     params["lm_baselines"]["max_train_sentences"] = 2000  # seconds, not a minute, on a busy machine
-    ingest = params["ingest"]  # paths are read relative to the params file: make them hold from tmp_path
-    for source in ingest["corpus"]["sources"]:
-        source["path"] = str((REPO / source["path"]).resolve())
-    for split in ("train", "dev", "test"):
-        ingest["labeled"][split] = str((REPO / ingest["labeled"][split]).resolve())
     params["lm_baselines"]["lstm"]["max_steps"] = 20
     log = TaskLog()
     # options after the stage's name, as a user types them

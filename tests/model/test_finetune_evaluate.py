@@ -10,7 +10,7 @@ from transformers import AutoConfig
 from bertflow.cards import pretraining_verdict
 from bertflow.io import InputError
 from tasks.cli import run_stage
-from tests.conftest import REPO, copy_outputs, kill_stage_after_first_checkpoint, write_params
+from tests.conftest import REPO, copy_outputs, kill_stage_after_first_checkpoint, tiny_profile, write_params
 
 TINY = REPO / "params.tiny.yaml"
 
@@ -36,7 +36,7 @@ def test_learns_a_learnable_set_from_an_existing_checkpoint(tiny_trained, tmp_pa
     write_tsv(tmp_path / "train.tsv", learnable_rows(600))
     write_tsv(tmp_path / "dev.tsv", learnable_rows(100, 600))
     write_tsv(tmp_path / "test.tsv", learnable_rows(100, 700))
-    params = json.loads(json.dumps(_tiny_params()))
+    params = tiny_profile()
     params["ingest"]["labeled"] = {"train": str(tmp_path / "train.tsv"), "dev": str(tmp_path / "dev.tsv"),
                                    "test": str(tmp_path / "test.tsv")}
     params["finetune"].update(init=str(tiny_trained / "artifacts" / "pretrained"), epochs=8, learning_rate=0.001,
@@ -50,15 +50,6 @@ def test_learns_a_learnable_set_from_an_existing_checkpoint(tiny_trained, tmp_pa
     assert config.id2label == {0: "0", 1: "1"} and config.label2id == {"0": 0, "1": 1}
     curve = list(csv.DictReader(open(root / "reports" / "finetune" / "pretrained.csv")))
     assert [int(r["epoch"]) for r in curve] == list(range(1, len(curve) + 1))
-
-
-def _tiny_params():
-    import yaml
-
-    params = yaml.safe_load((REPO / "params.tiny.yaml").read_text())
-    for source in params["ingest"]["corpus"]["sources"]:
-        source["path"] = str((REPO / source["path"]).resolve())
-    return params
 
 
 def test_finetune_refuses_a_checkpoint_whose_vocabulary_differs_from_its_tokenizer(tiny_trained, tmp_path):
