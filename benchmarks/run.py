@@ -62,6 +62,17 @@ def serving_rows(serving: dict) -> list[str]:
     return lines
 
 
+def trainer_rows(mini: dict, ft: dict) -> list[str]:
+    """The competitor a user would pick, transformers.Trainer with its speed options, in the reference column:
+    BERT-Mini/30522 pretraining (tokens/s, MFU) and fine-tuning (tokens/s, as issue 22's targets count it)."""
+    pre, tune = mini["transformers.Trainer"], ft["transformers.Trainer"]
+    return [f"| pretraining BERT-Mini/30522 against transformers.Trainer, tokens/s (MFU of the bf16 peak) | "
+            f"{pre['tokens_per_second']:,} ({pre['mfu_vs_bf16_peak']:.1%}) | {mini['bertflow']['tokens_per_second']:,} "
+            f"({mini['bertflow']['mfu_vs_bf16_peak']:.1%}) | {mini['vs_trainer']}× |",
+            f"| fine-tuning against transformers.Trainer, tokens/s (batch {ft['batch_size']}) | "
+            f"{tune['tokens_per_second']:,} | {ft['bertflow']['tokens_per_second']:,} | {ft['vs_trainer']}× |"]
+
+
 def headline(pre: dict, cls: dict, data: dict, ddp: dict, variants: dict, serving: dict) -> str:
     """The figures the targets are about, in one table."""
     rows = {(r["config"], r["vocab_size"]): r for r in pre["rows"]}
@@ -80,6 +91,7 @@ def headline(pre: dict, cls: dict, data: dict, ddp: dict, variants: dict, servin
         f"{mini['bertflow']['mfu_vs_bf16_peak']:.1%} | |",
         f"| fine-tuning, sequences/s (batch {ft['batch_size']}) | {ft['reference']['sequences_per_second']} | "
         f"{ft['bertflow']['sequences_per_second']} | {ft['speedup']}× |",
+        *trainer_rows(mini, ft),
         f"| served classifier, latency p50 / p99 at batch 1 (ms) | {sv['reference']['p50_ms']} / "
         f"{sv['reference']['p99_ms']} | {sv['bertflow']['p50_ms']} / {sv['bertflow']['p99_ms']} | |",
         f"| served classifier, texts/s at batch 64 | {sv['reference']['batch64_texts_per_second']} | "
