@@ -60,7 +60,7 @@ test-fast: $(STAMP) inputs
 lint: $(STAMP)
 	ruff check bertflow tasks flows tests benchmarks
 
-# All performance benchmarks (data stages, pretraining, classifier, variants, serving, DDP) and the README's table; ~30 min.
+# All performance benchmarks (data stages, pretraining, classifier, variants, serving, DDP) and the README's table; ~20 min.
 bench: $(STAMP) inputs
 	python benchmarks/run.py
 
