@@ -11,7 +11,7 @@ must hold) and PSS, sampled every 0.1 s. The figures: seconds and peak memory pe
 least-squares line ``a + b·MB``, each step's marginal cost against ``b`` (linear when every step is within
 30 %), and the tree's peak summed RSS at the largest scale against the smallest (bounded when within 25 %). Not a test:
 
-    python benchmarks/data_scaling.py                        # 1×, 4×, 16×: about an hour on 2 cores
+    python benchmarks/data_scaling.py                        # 1×, 4×, 16×: about 15 minutes on 2 cores
     python benchmarks/data_scaling.py --base-mb 1 --scales 1,2 --results /tmp/scaling   # a smoke run
 """
 
