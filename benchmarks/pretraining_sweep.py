@@ -132,17 +132,18 @@ def seed_correctness(path: Path) -> dict[str, list[str]]:
     return kinds
 
 
-def against_base(record: dict, base: dict | None) -> dict | None:
-    """The recipe's classifiers against the base recipe's, seed by seed on the same test rows: the gain with its
-    interval and the exact paired sign-flip test (``bertflow.statistics.paired_runs``)."""
-    if base is None or record is base or "correct_by_seed" not in record or "correct_by_seed" not in base:
+def against(record: dict, reference: dict | None) -> dict | None:
+    """The recipe's classifiers against another recipe's (the base, or the profile's own), seed by seed on the
+    same test rows: the gain with its interval and the exact paired sign-flip test
+    (``bertflow.statistics.paired_runs``)."""
+    if reference is None or record is reference or "correct_by_seed" not in record or "correct_by_seed" not in reference:
         return None
-    flags = [[[int(c) for c in run] for run in side["correct_by_seed"]["pretrained"]] for side in (record, base)]
+    flags = [[[int(c) for c in run] for run in side["correct_by_seed"]["pretrained"]] for side in (record, reference)]
     return paired_runs(*flags)
 
 
 def versus_cell(record: dict, reference: dict | None) -> str:
-    versus = against_base(record, reference)
+    versus = against(record, reference)
     return "–" if versus is None else (
         f"{100 * versus['gain']:+.2f} [{100 * versus['gain_interval']['lower']:+.1f}, "
         f"{100 * versus['gain_interval']['upper']:+.1f}] ({versus['p_value']:.2g})")
