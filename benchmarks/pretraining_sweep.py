@@ -136,7 +136,7 @@ def against(record: dict, reference: dict | None) -> dict | None:
     """The recipe's classifiers against another recipe's (the base, or the profile's own), seed by seed on the
     same test rows: the gain with its interval and the exact paired sign-flip test
     (``bertflow.statistics.paired_runs``)."""
-    if reference is None or record is reference or "correct_by_seed" not in record or "correct_by_seed" not in reference:
+    if reference is None or record is reference or any("correct_by_seed" not in side for side in (record, reference)):
         return None
     flags = [[[int(c) for c in run] for run in side["correct_by_seed"]["pretrained"]] for side in (record, reference)]
     return paired_runs(*flags)
