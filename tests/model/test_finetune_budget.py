@@ -14,8 +14,8 @@ from bertflow.model import load_classifier
 from bertflow.paths import Paths
 from bertflow.tokenization import load_tokenizer
 from tasks.cli import run_stage
-from tests.conftest import REPO, write_params
-from tests.model.test_finetune_evaluate import _tiny_params, learnable_rows, write_tsv
+from tests.conftest import REPO, tiny_profile, write_params
+from tests.model.test_finetune_evaluate import learnable_rows, write_tsv
 
 STEPS_PER_EPOCH = 600 // 32  # the learnable set's 600 training rows in batches of the tiny profile's 32
 NO_EARLY_STOP = {"finetune.epochs": 20, "finetune.early_stopping_patience": 20}
@@ -27,7 +27,7 @@ def learnable_root(tiny_trained, folder, dev_rows, ablation=False):
     write_tsv(folder / "train.tsv", learnable_rows(600))
     write_tsv(folder / "dev.tsv", dev_rows)
     write_tsv(folder / "test.tsv", learnable_rows(50, 700))
-    params = _tiny_params()
+    params = tiny_profile()
     params["ingest"]["labeled"] = {split: str(folder / f"{split}.tsv") for split in ("train", "dev", "test")}
     params["finetune"].update(init=str(tiny_trained / "artifacts" / "pretrained"), random_init_ablation=ablation,
                               bf16=False)
