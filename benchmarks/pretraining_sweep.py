@@ -67,6 +67,10 @@ RECORD_KEYS = ("ingest", "tokenizer", "pretrain_data", "pretrain", "finetune", "
 # Settings added after recipes were recorded, at the value that does what the code did before: left out of the
 # comparison while they hold it, so a new setting does not make every recorded recipe (and pretraining) stale.
 NEUTRAL = {"pretrain.embedding_init_std": None}
+# Held-out evaluations while pretraining, as every recipe was recorded with. They do not shape the model (the
+# budget does not count them; run_fingerprint ignores them), so the sweep keeps them fixed whatever the
+# profile's own monitoring is, and a change to it does not make the records stale.
+MONITORING = {"pretrain.eval_every": 500, "pretrain.eval_instances": 2000}
 
 
 # ---------------------------------------------------------------- recipes (pure)
@@ -77,7 +81,8 @@ def recipe_params(profile_file: Path, overrides: dict, fine_tuning: dict) -> dic
     before anything runs) and with every path absolute, so the recipe's params file works from its folder."""
     from bertflow.params import load_params
 
-    changes = {**overrides, **fine_tuning, "evaluate.majority_baseline": False}  # compared with TF-IDF only
+    # compared with TF-IDF only
+    changes = {**MONITORING, **overrides, **fine_tuning, "evaluate.majority_baseline": False}
     return load_params(profile_file, changes).model_dump(mode="json")
 
 
