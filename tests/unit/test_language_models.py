@@ -113,3 +113,12 @@ def test_lstm_training_stops_at_its_time_budget():
     assert 1 <= len(losses) < 100_000
     with pytest.raises(ValueError, match="steps or budget_seconds"):
         train_lstm(model, [[1, 2]], 8)
+
+
+def test_boundary_pairs_are_every_sentences_bigrams_in_order():
+    from bertflow.language_models import boundary_pairs
+
+    sentences = [[0, 1], [], [2], [1, 1, 0]]
+    previous, following = boundary_pairs(sentences)
+    assert list(zip(previous.tolist(), following.tolist(), strict=True)) == [
+        pair for sentence in sentences for pair in bigrams(sentence)]
