@@ -254,8 +254,13 @@ def comparison_section(evaluation: dict) -> str:
                           "only the baseline right (c)", "exact McNemar p", "verdict"], rows) if rows else "")
 
 
+def lstm_trained(lstm: dict) -> bool:
+    """Whether lm_baselines trained its LSTM (a report from before the setting has no ``enabled``: it did)."""
+    return lstm.get("enabled") is not False
+
+
 def lstm_name(lstm: dict) -> str:
-    if lstm.get("enabled") is False:
+    if not lstm_trained(lstm):
         return "LSTM: not trained in this run (lm_baselines.lstm.enabled: false)"
     return f"LSTM ({number(lstm.get('steps', '?'))} steps, {number(lstm.get('train_seconds', '?'))} s)"
 
@@ -279,7 +284,7 @@ def language_models_section(reports: dict, paths: Paths) -> str:
             f"Trained on {number(tokens.get('train_sentences', '–'))} train-split sentences.</p>")
     body += table(["model", "predicts", "held-out perplexity", "train perplexity"], rows)
     body += f"<p>{esc(MLM_VS_LM)}</p>"
-    if lstm.get("enabled") is False:
+    if not lstm_trained(lstm):
         return body
     return body + chart_or_note(curve(paths.reports / "lm_baselines" / "lstm.csv", "step", ["loss"]), "step",
                                 "loss (nats per piece)", "LSTM language model: training loss",
