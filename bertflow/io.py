@@ -3,6 +3,11 @@
 A stage builds its outputs in a temporary sibling folder and renames it into place only when the
 whole output is complete, so a crash or an error never leaves a half-written output that looks
 valid. Nothing here knows about any particular stage.
+
+An output folder is never left empty: where a stage writes nothing into one (its optional parts that
+write there are off), the folder gets a note, ``EMPTY.md``, saying so. The report folders are uncached
+DVC outputs that git holds, and git keeps no empty folder, so ``dvc exp save`` would find the output
+missing; a folder that holds anything else is left exactly as the stage wrote it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Any
 
 @contextlib.contextmanager
 def atomic_dirs(targets: Sequence[Path]) -> Iterator[list[Path]]:
-    """Yield one empty temporary folder per target; on success replace each target by its folder.
+    """Yield one empty temporary folder per target; on success replace each target by its folder, a folder
+    left empty holding a note (``EMPTY.md``) that says why.
 
     On any exception the temporary folders are removed and the targets are left as they were.
     """
@@ -37,7 +43,24 @@ def atomic_dirs(targets: Sequence[Path]) -> Iterator[list[Path]]:
             shutil.rmtree(folder, ignore_errors=True)
         raise
     for folder, target in zip(staged, targets, strict=True):
+        if not any(folder.iterdir()):
+            _note_empty(folder, target)
         _replace_dir(folder, target)
+
+
+EMPTY_NOTE = "EMPTY.md"  # the one file of an output folder its stage wrote nothing into
+
+
+def _note_empty(folder: Path, target: Path) -> None:
+    """The note of an output folder left empty: an empty folder is not in git, which holds the uncached
+    report folders, so `dvc exp save` would fail on it ('output ... does not exist')."""
+    name = target.name if target.parent.name in ("", ".") else f"{target.parent.name}/{target.name}"
+    (folder / EMPTY_NOTE).write_text(
+        f"# {name}: nothing written in this run\n\n"
+        "The stage that writes this folder wrote nothing into it: the parts of it that write here were off in\n"
+        "params.yaml. This note keeps the folder, a DVC output, in git (which keeps no empty folder), so that\n"
+        "`dvc exp save` records it.\n", encoding="utf-8")
+    (folder / EMPTY_NOTE).chmod(0o644)
 
 
 def remove_leftovers(target: Path) -> None:
