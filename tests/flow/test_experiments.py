@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.flow.conftest import mlflow_client, new_project, sh
+from tests.flow.conftest import mlflow_client, new_project, repro, set_params, sh
+from tests.flow.test_dvc import EVERY_PART_OFF
 
 
 def commit_all(project: Path, message: str = "the project as it stands") -> None:
@@ -104,6 +105,31 @@ def test_a_flow_run_is_an_experiment_and_a_profile_leaves_params_yaml_alone(buil
     applied = json.loads((project / "reports" / "evaluate.json").read_text())  # DVC shows metrics without lists
     assert set(applied["baselines"]) == set(shown["profiled"]["metrics"]["reports/evaluate.json"]["baselines"])
     assert "majority" not in applied["baselines"]
+    assert "up to date" in sh("dvc", "status", cwd=project).stdout
+
+
+def test_a_run_with_every_optional_part_off_is_saved_as_an_experiment(built):
+    """With every optional part off, some stages write nothing into their report folders (reports/optimize without
+    the student and the pruned variant); those folders are uncached DVC outputs that git holds, and git keeps no
+    empty folder, so ``dvc exp save`` failed ('output reports/optimize does not exist'). A folder a stage leaves
+    empty holds a note saying why: the experiment is saved, with every uncached output in its commit."""
+    from bertflow.experiments import save, uncached_outputs
+
+    project = built
+    commit_all(project)
+    set_params(project, EVERY_PART_OFF)
+    assert "optimize" in repro(project, "report")
+    commit = save(project, "every-part-off")
+
+    listed = sh("git", "ls-tree", "-r", "--name-only", commit, "--", "reports", cwd=project).stdout.splitlines()
+    missing = [path for path in uncached_outputs(project)
+               if path.startswith("reports/") and not any(f == path or f.startswith(path + "/") for f in listed)]
+    assert missing == [], listed
+    note = (project / "reports" / "optimize" / "EMPTY.md").read_text()
+    assert "reports/optimize" in note and "params.yaml" in note
+    assert [p.name for p in (project / "reports" / "optimize").iterdir()] == ["EMPTY.md"]
+    shown = experiments_shown(project)
+    assert shown["every-part-off"]["params"]["optimize"]["variants"] == []
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
 
 
