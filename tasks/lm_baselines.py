@@ -114,8 +114,8 @@ def run(params: LmBaselinesParams, paths: Paths) -> dict:
     figures["lstm"], losses = (lstm_figures(train, heldout, vocab_size, params.lstm) if params.lstm.enabled
                                else ({"enabled": False}, None))
     with atomic_dirs([paths.reports / "lm_baselines"]) as (folder,):
-        # Without the LSTM the curve is a header only: the folder stays a non-empty output that git (and so
-        # `dvc exp save`) can record.
+        # Without the LSTM the curve is a header only, so the "LSTM language model" plot of dvc.yaml still
+        # finds its file (an empty folder would get atomic_dirs' EMPTY.md note, which `dvc exp save` needs).
         write_curve(folder / "lstm.csv", losses or [], params.lstm.log_every)
     figures["seconds"] = round(time.perf_counter() - started, 1)
     return figures
