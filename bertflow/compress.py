@@ -198,12 +198,14 @@ def onnx_int8_variant(onnx_folder: Path, folder: Path, weights: str = "model.onn
 
 def train_steps(model, data: Encoded, extra: dict[str, list], loss_fn: Callable, steps_per_epoch: int,
                 epochs: int, batch_size: int, learning_rate: float, weight_decay: float, warmup: float,
-                seed: int, pad_id: int, curve, log_every: int, label: str = "training") -> list[dict]:
+                seed: int, pad_id: int, curve, log_every: int, label: str = "training",
+                bf16: bool = False) -> list[dict]:
     """AdamW with warm-up and linear decay over ``epochs × steps_per_epoch`` length-bucketed batches.
 
     ``extra`` holds per-row values (teacher logits, ...) that go into the batch beside the token ids;
     ``loss_fn(model, batch)`` returns (loss, {name: float}). Returns the logged rows. Progress is shown
-    as ``label`` (a bar on a terminal, log lines elsewhere).
+    as ``label`` (a bar on a terminal, log lines elsewhere). ``bf16``: the forward pass under bf16 autocast
+    (the weights and the optimizer stay fp32).
     """
     optimizer = tr.adamw(model, learning_rate, weight_decay)
     total = max(steps_per_epoch * epochs, 1)
@@ -218,7 +220,8 @@ def train_steps(model, data: Encoded, extra: dict[str, list], loss_fn: Callable,
             batch = data.batch(indices, pad_id)
             batch.update({key: torch.as_tensor(np.asarray(column)[indices]) for key, column in extra.items()})
             lr = tr.set_lr(optimizer, learning_rate, tr.lr_factor(step / total, warmup))
-            loss, parts = loss_fn(model, batch)
+            with tr.autocast(bf16):
+                loss, parts = loss_fn(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -299,7 +302,7 @@ def distillation_loss(temperature: float, alpha: float) -> Callable:
 
 
 def distill(teacher_config: PretrainedConfig, init_weights: dict | None, init_layers: int, data: Encoded,
-            teacher_logits: np.ndarray, params, pad_id: int, curve) -> tuple[PreTrainedModel, dict]:
+            teacher_logits: np.ndarray, params, pad_id: int, curve, bf16: bool = False) -> tuple[PreTrainedModel, dict]:
     """Train the student on the teacher's softened outputs mixed with the true labels."""
     torch.manual_seed(params.seed)
     student = AutoModelForSequenceClassification.from_config(student_config(teacher_config, params.student))
@@ -310,7 +313,7 @@ def distill(teacher_config: PretrainedConfig, init_weights: dict | None, init_la
     rows = train_steps(student, data, {"teacher": teacher_logits}, distillation_loss(params.temperature, params.alpha),
                        len(data.labels) // params.batch_size, params.epochs, params.batch_size, params.learning_rate,
                        params.weight_decay, params.warmup_fraction, params.seed, pad_id, curve, params.log_every,
-                       "optimize student (distillation)")
+                       "optimize student (distillation)", bf16)
     return student, {**init, "rows": len(data.labels), "steps": rows[-1]["step"] if rows else 0,
                      "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None,
                      "seconds": round(time.perf_counter() - started, 1),
@@ -325,7 +328,7 @@ def prunable(model: PreTrainedModel) -> list[tuple[torch.nn.Module, str]]:
 
 
 def prune_magnitude(model: PreTrainedModel, data: Encoded, params, pad_id: int, curve,
-                    log_every: int) -> tuple[PreTrainedModel, dict]:
+                    log_every: int, bf16: bool = False) -> tuple[PreTrainedModel, dict]:
     """Global L1 (magnitude) pruning of the encoder's linear weights, then a recovery fine-tune with the
     mask held; the zeros are made permanent. Unstructured: dense kernels run as before (see the figures)."""
     from torch.nn.utils import prune
@@ -341,7 +344,7 @@ def prune_magnitude(model: PreTrainedModel, data: Encoded, params, pad_id: int, 
         epochs = -(-params.recovery_steps // steps_per_epoch)
         rows = train_steps(pruned, data, {}, cross_entropy_loss, min(steps_per_epoch, params.recovery_steps), epochs,
                            params.batch_size, params.learning_rate, 0.0, 0.0, params.seed, pad_id, curve, log_every,
-                           "optimize pruned (recovery)")
+                           "optimize pruned (recovery)", bf16)
     for module, name in targets:
         prune.remove(module, name)
     weights = [module.weight for module, _ in targets]

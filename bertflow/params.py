@@ -412,6 +412,9 @@ class OptimizeParams(Section):
     num_threads: int | None = Field(2, ge=1, description="threads of every runtime while timing")
     max_seq_length: int | None = Field(
         None, ge=8, description="training length of the student and pruned model (null: the classifier's, as served)")
+    bf16: Bf16 = Field("auto", description="bf16 autocast while the teacher scores the distillation rows and while "
+                                           "the student and the pruned model train (as finetune.bf16); the variants "
+                                           "are saved, served and measured in fp32")
 
 
 class RegisterParams(Section):

@@ -133,7 +133,7 @@ def distillation_data(teacher, tokenizer, paths: Paths, params: OptimizeParams) 
     data = encode(tokenizer, texts + extra, labels + [-1] * len(extra), params.max_seq_length)
     log.info("optimize student: the teacher scores %d rows (%d labeled, %d corpus sentences) to distil from",
              len(data.labels), len(texts), len(extra))
-    logits = predict_logits(teacher, data, tokenizer.pad_token_id, 128)
+    logits = predict_logits(teacher, data, tokenizer.pad_token_id, 128, bf16=params.bf16)
     return data, logits, {"labeled_rows": len(texts), "unlabeled_rows": len(extra)}
 
 
@@ -178,14 +178,14 @@ def build_one(name: str, teacher, tokenizer, params: OptimizeParams, paths: Path
         weights, layers = student_init(params, paths, teacher)
         curve = tr.MetricsLog(curves / "distill.csv", compress.DISTILL_FIELDS)
         student, summary = compress.distill(teacher.config, weights, layers, data, logits, params.distill,
-                                            tokenizer.pad_token_id, curve)
+                                            tokenizer.pad_token_id, curve, params.bf16)
         compress.save_variant(student, source, folder)
         return {**rows, **summary}
     elif name == "pruned":
         data = encode(tokenizer, *read_split(paths, "train"), params.max_seq_length)
         curve = tr.MetricsLog(curves / "prune.csv", compress.PRUNE_FIELDS)
         pruned, summary = compress.prune_magnitude(teacher, data, params.prune, tokenizer.pad_token_id, curve,
-                                                   params.distill.log_every)
+                                                   params.distill.log_every, params.bf16)
         compress.save_variant(pruned, source, folder)
         return summary
     return {}
@@ -238,7 +238,7 @@ def run(params: OptimizeParams, paths: Paths) -> dict:
     teacher = load_classifier(paths.classifier).eval()
     length = params.max_seq_length or teacher.config.max_position_embeddings
     check_positions(teacher.config, length, "optimize.max_seq_length")
-    params = params.model_copy(update={"max_seq_length": length})
+    params = params.model_copy(update={"max_seq_length": length, "bf16": tr.use_bf16(params.bf16)})
     tokenizer = load_tokenizer(paths.classifier)
     texts, labels = read_split(paths, "test")
     with atomic_dirs([paths.optimized, paths.reports / "optimize"]) as (out, curves):
@@ -262,6 +262,7 @@ def run(params: OptimizeParams, paths: Paths) -> dict:
             figures[name]["target"] = check
     for name, extra in details.items():
         figures[name]["build"] = extra
-    return {"reference": REFERENCE, "threads": threads, "test_rows": len(labels), "rounds": params.rounds,
+    return {"reference": REFERENCE, "threads": threads, "bf16": params.bf16, "test_rows": len(labels),
+            "rounds": params.rounds,
             "latency_sentences": min(params.latency_sentences, len(texts)),
             "onnx_max_abs_difference": onnx_difference, "variants": figures}
