@@ -52,9 +52,9 @@ def imports(root: Path) -> list[str]:
 
 
 def uncached_outputs(root: Path) -> list[str]:
-    """Every ``cache: false`` output dvc.yaml declares, the persisted reports of register and report included, but
-    not the resume checkpoints under artifacts/ (large, and never part of what a run is): the files that neither
-    ``dvc checkout`` nor the DVC cache bring back."""
+    """Every ``cache: false`` output dvc.yaml declares, the persisted reports of register and report included: the
+    files that neither ``dvc checkout`` nor the DVC cache bring back. (The resume checkpoints under artifacts/ are
+    no DVC output: large, gitignored, never part of what a run is.)"""
     import yaml
 
     document = yaml.safe_load((root / "dvc.yaml").read_text()) if (root / "dvc.yaml").is_file() else {}
@@ -62,7 +62,7 @@ def uncached_outputs(root: Path) -> list[str]:
     for entry in (document.get("stages") or {}).values():
         for item in [item for kind in ("outs", "metrics", "plots") for item in entry.get(kind) or []]:
             path, options = (item, {}) if isinstance(item, str) else next(iter(item.items()))
-            if (options or {}).get("cache") is False and not str(path).startswith("artifacts/"):
+            if (options or {}).get("cache") is False:
                 found.append(str(path))
     return found
 

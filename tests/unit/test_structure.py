@@ -179,6 +179,20 @@ def test_side_effect_stages_are_never_run_cached():
             assert options and all(o.get("persist") for o in options), stage.name
 
 
+def test_every_uncached_output_is_one_git_keeps():
+    """An output DVC does not cache comes back on a clone only through git: were git to ignore it (the resume
+    checkpoints once were such outputs), a fresh clone's `dvc pull` could not bring it, `dvc status` would name it
+    deleted and `dvc repro` would rerun its stage (pretraining, 20 minutes) and everything after."""
+    declared = dvc_document()["stages"]
+    uncached = [path_of(o) for entry in declared.values() for kind in ("outs", "metrics", "plots")
+                for o in entry.get(kind) or [] if isinstance(o, dict) and (o[path_of(o)] or {}).get("cache") is False]
+    assert uncached
+    probes = [probe for path in uncached for probe in (path, f"{path}/x")]  # x: a folder's pattern ("dir/")
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *probes], cwd=REPO, capture_output=True,
+                             text=True).stdout.split()
+    assert ignored == []
+
+
 def test_a_local_checkpoint_is_a_dep_of_the_stages_that_read_it_and_an_hf_id_a_param(tmp_path):
     """pretrain.init names a folder: tokenizer and pretrain depend on it (sync-dvc writes it, a stage
     refuses to run without it); an hf: id is the param pretrain.init, which both stages declare."""
