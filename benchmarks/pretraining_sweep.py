@@ -81,7 +81,7 @@ def recipe_params(profile_file: Path, overrides: dict, fine_tuning: dict) -> dic
     before anything runs) and with every path absolute, so the recipe's params file works from its folder."""
     from bertflow.params import load_params
 
-    # compared with TF-IDF only
+    # the majority baseline off: recipes are compared with TF-IDF only
     changes = {**MONITORING, **overrides, **fine_tuning, "evaluate.majority_baseline": False}
     return load_params(profile_file, changes).model_dump(mode="json")
 
